@@ -1,0 +1,1 @@
+"""jetspec-jax: lossless speculative decoding with causal parallel tree drafting, in JAX."""

@@ -1,0 +1,135 @@
+"""Building blocks shared by the target decoder and the draft head (Flax linen, used purely)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jetspec_jax.cache import write_rows
+from jetspec_jax.kernels import tree_attention
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32 as HF does, weight applied after the cast."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * x32.astype(self.dtype)).astype(self.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+    """positions (B, T) int32 -> cos, sin (B, T, head_dim) float32 (HF "rotate_half" layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, H, Dh); cos, sin (B, T, Dh) -> rotated x (HF non-interleaved halves)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    intermediate_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
+        h = nn.silu(dense(self.intermediate_size, "gate_proj")(x)) * dense(self.intermediate_size, "up_proj")(x)
+        return dense(x.shape[-1], "down_proj")(h)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over an explicit per-layer KV cache.
+
+    Keys/values may come from a separate source (`kv_input`, the draft head's context) — the
+    target passes none and attends over its own tokens.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qk_norm: bool
+    qkv_bias: bool
+    rms_norm_eps: float
+    attention_impl: str
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+    o_bias: bool = False  # bias on o_proj (HF Qwen3 / DFlash with attention_bias; Qwen2 has none)
+
+    def setup(self):
+        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
+        self.q_proj = dense(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")
+        self.k_proj = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")
+        self.v_proj = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "v_proj")
+        self.o_proj = dense(self.hidden_size, self.o_bias, "o_proj")
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="q_norm")
+            self.k_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="k_norm")
+
+    def keys_values(self, x, cos, sin):
+        """x (B, T, d) -> k, v (B, T, Hkv, Dh), k normed and rotated."""
+        b, t, _ = x.shape
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        return apply_rope(k, cos, sin), v
+
+    def queries(self, x, cos, sin):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        return apply_rope(q, cos, sin)
+
+    def __call__(self, x, cos, sin, cache_k, cache_v, lengths, tree_mask):
+        """x (B, T, d); cos/sin (B, T, Dh); cache_k/v (B, Hkv, S, Dh); lengths (B,);
+        tree_mask (B, T, T) -> out (B, T, d), new cache_k, new cache_v (rows written at lengths).
+        """
+        b, t, _ = x.shape
+        k, v = self.keys_values(x, cos, sin)
+        cache_k = write_rows(cache_k, k, lengths)
+        cache_v = write_rows(cache_v, v, lengths)
+        out = tree_attention(self.queries(x, cos, sin), cache_k, cache_v, lengths, tree_mask,
+                             implementation=self.attention_impl)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer (Llama / Qwen2 / Qwen3)."""
+
+    config: object  # ModelConfig (or the head's config with the same fields)
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        self.input_norm = RMSNorm(c.rms_norm_eps, dtype, name="input_norm")
+        self.post_attn_norm = RMSNorm(c.rms_norm_eps, dtype, name="post_attn_norm")
+        self.attn = Attention(
+            num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            qk_norm=c.qk_norm, qkv_bias=c.qkv_bias, rms_norm_eps=c.rms_norm_eps,
+            attention_impl=c.attention_impl, hidden_size=c.hidden_size, dtype=dtype,
+            o_bias=getattr(c, "o_bias", False), name="attn",
+        )
+        self.mlp = MLP(c.intermediate_size, dtype, name="mlp")
+
+    def __call__(self, x, cos, sin, cache_k, cache_v, lengths, tree_mask):
+        h, cache_k, cache_v = self.attn(self.input_norm(x), cos, sin, cache_k, cache_v, lengths, tree_mask)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, cache_k, cache_v
