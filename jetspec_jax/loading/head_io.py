@@ -1,0 +1,293 @@
+"""Load and save draft heads in the Hugging Face format of JetSpec / DFlash heads.
+
+A head directory holds `config.json` (a Qwen3Config plus `num_target_layers`, `block_size` and
+`dflash_config`) and `model.safetensors` (or shards listed in `model.safetensors.index.json`)
+with torch names:
+
+    fc.weight  hidden_norm.weight  norm.weight
+    layers.{i}.input_layernorm.weight  layers.{i}.post_attention_layernorm.weight
+    layers.{i}.self_attn.{q,k,v,o}_proj.weight (+ .bias with attention_bias)
+    layers.{i}.self_attn.{q,k}_norm.weight  layers.{i}.mlp.{gate,up,down}_proj.weight
+
+Torch Linear weights are (out, in); Flax kernels are (in, out).
+
+Causal flag: JetSpec heads say `dflash_config.causal_head`; the `dflash` package (0.1.0) reads a
+top-level `is_causal` instead (absent means bidirectional). We accept either; when both are
+present they must agree, since the two readers would otherwise run different heads (UserError).
+Neither present -> bidirectional, as `dflash` does. `save_head_dir` writes both.
+
+Tensors other than the head's are refused (a different architecture, e.g. DFlash2, would
+otherwise load silently wrong), except rotary `inv_freq` buffers that older exports carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from safetensors import SafetensorError, safe_open
+from safetensors.flax import save_file
+
+from jetspec_jax.errors import UserError
+from jetspec_jax.head import HeadConfig, init_head_params
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "intermediate_size", "vocab_size", "num_target_layers")
+# Flax module names -> torch module names (everything else is the same).
+_MODULE_NAMES = {"attn": "self_attn", "input_norm": "input_layernorm",
+                 "post_attn_norm": "post_attention_layernorm"}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------
+
+def _draft_value(raw: dict, name: str, default=None):
+    """`dflash_config.name`, else top-level `name` (the lookup order of the dflash package)."""
+    return (raw.get("dflash_config") or {}).get(name, raw.get(name, default))
+
+
+def _causal_flag(raw: dict) -> bool:
+    causal_head = (raw.get("dflash_config") or {}).get("causal_head")
+    is_causal = raw.get("is_causal")
+    if causal_head is not None and is_causal is not None and bool(causal_head) != bool(is_causal):
+        raise UserError(f"dflash_config.causal_head={causal_head} disagrees with is_causal={is_causal}")
+    flag = causal_head if causal_head is not None else is_causal
+    return bool(flag) if flag is not None else False
+
+
+def _rope_theta(raw: dict) -> float:
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise UserError(f"rope type {kind!r} is not supported for draft heads (only 'default')")
+    return float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+
+
+def _reject_unsupported(raw: dict) -> None:
+    """Refuse DFlash variants whose arithmetic this head does not implement."""
+    if "DFlash2DraftModel" in (raw.get("architectures") or []):
+        raise UserError("DFlash2 heads (convolutions, candidate selector) are not supported")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UserError(f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
+    n = raw["num_hidden_layers"]
+    layer_types = raw.get("layer_types") or [
+        "sliding_attention" if raw.get("use_sliding_window") and i >= raw.get("max_window_layers", 28)
+        else "full_attention" for i in range(n)
+    ]
+    if any(t != "full_attention" for t in layer_types):
+        raise UserError("sliding-window attention layers are not supported in draft heads")
+    for name, neutral in (("input_embedding_scale", 1.0), ("output_multiplier", 1.0)):
+        if float(_draft_value(raw, name, neutral)) != neutral:
+            raise UserError(f"{name}={_draft_value(raw, name)} is not supported (only {neutral})")
+    if float(_draft_value(raw, "final_logit_softcapping", None) or 0) > 0:
+        raise UserError("final_logit_softcapping is not supported in draft heads")
+
+
+def head_config_from_hf(raw: dict, dtype: str = "float32") -> HeadConfig:
+    """Parsed config.json -> HeadConfig; raises UserError (one line) on anything unusable."""
+    missing = [k for k in _REQUIRED if raw.get(k) is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}")
+    mask_token_id = _draft_value(raw, "mask_token_id")
+    if mask_token_id is None:
+        raise UserError("missing dflash_config.mask_token_id")
+    try:
+        _reject_unsupported(raw)
+        return HeadConfig(
+            hidden_size=int(raw["hidden_size"]), num_layers=int(raw["num_hidden_layers"]),
+            num_heads=int(raw["num_attention_heads"]), num_kv_heads=int(raw["num_key_value_heads"]),
+            head_dim=int(raw["head_dim"]), intermediate_size=int(raw["intermediate_size"]),
+            vocab_size=int(raw["vocab_size"]), num_target_layers=int(raw["num_target_layers"]),
+            mask_token_id=int(mask_token_id), block_size=int(_draft_value(raw, "block_size", 16)),
+            target_layer_ids=tuple(_draft_value(raw, "target_layer_ids", ())),
+            causal=_causal_flag(raw), rope_theta=_rope_theta(raw),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            qkv_bias=bool(raw.get("attention_bias", False)), dtype=dtype,
+        )
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def head_config_to_hf(cfg: HeadConfig) -> dict:
+    """HeadConfig -> config.json that `dflash.model.DFlashDraftModel.from_pretrained` loads."""
+    return {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "vocab_size": cfg.vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "attention_bias": cfg.qkv_bias,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "layer_types": ["full_attention"] * cfg.num_layers,
+        "use_sliding_window": False,
+        "tie_word_embeddings": False,
+        "dtype": cfg.dtype,
+        "num_target_layers": cfg.num_target_layers,
+        "block_size": cfg.block_size,
+        "is_causal": cfg.causal,
+        "dflash_config": {
+            "target_layer_ids": list(cfg.target_layer_ids),
+            "mask_token_id": cfg.mask_token_id,
+            "causal_head": cfg.causal,
+            "block_size": cfg.block_size,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+def _hf_name(path: tuple[str, ...]) -> str:
+    """('layers_0', 'attn', 'q_proj', 'kernel') -> 'layers.0.self_attn.q_proj.weight'."""
+    *modules, leaf = path
+    parts = []
+    for m in modules:
+        if m.startswith("layers_"):
+            parts += ["layers", m[len("layers_"):]]
+        else:
+            parts.append(_MODULE_NAMES.get(m, m))
+    return ".".join(parts + [_LEAF_NAMES[leaf]])
+
+
+def _expected(cfg: HeadConfig) -> dict:
+    """{flax path tuple: ShapeDtypeStruct} of every head parameter (the one source of shapes)."""
+    shapes = jax.eval_shape(lambda: init_head_params(cfg, jax.random.PRNGKey(0)))
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {tuple(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    if (path / INDEX_FILE).is_file():
+        index = _read_json(path / INDEX_FILE)
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        if not shards:
+            raise UserError(f"{path / INDEX_FILE}: empty weight_map")
+        return [path / s for s in shards]
+    raise UserError(f"{path}: no {WEIGHTS_FILE} (or {INDEX_FILE})")
+
+
+def _read_tensors(path: Path, dtype) -> dict:
+    """All tensors of the head directory as {torch name: jax array of `dtype`}."""
+    tensors = {}
+    for file in _weight_files(path):
+        try:
+            with safe_open(str(file), framework="flax") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name).astype(dtype)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file}: unreadable safetensors ({str(e).splitlines()[0]})") from None
+    return tensors
+
+
+def _params_from_tensors(cfg: HeadConfig, tensors: dict, source: Path) -> dict:
+    expected = _expected(cfg)
+    names = {_hf_name(p): p for p in expected}
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise UserError(f"{source}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    extra = sorted(n for n in set(tensors) - set(names) if not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise UserError(f"{source}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    params = {}
+    for name, path in names.items():
+        is_kernel = path[-1] == "kernel"  # torch (out, in) <-> flax (in, out)
+        want = expected[path].shape[::-1] if is_kernel else expected[path].shape
+        if tuple(tensors[name].shape) != tuple(want):
+            raise UserError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                            f"the config implies {tuple(want)}")
+        value = tensors[name].T if is_kernel else tensors[name]
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+def _read_json(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: unreadable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return raw
+
+
+def load_head_dir(path, dtype: str = "float32") -> tuple[HeadConfig, dict]:
+    """A JetSpec / DFlash HF head directory -> (HeadConfig, params in DraftHead's layout)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a draft-head directory")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"unsupported dtype {dtype!r} (float32, bfloat16 or float16)")
+    raw = _read_json(path / CONFIG_FILE)
+    try:
+        cfg = head_config_from_hf(raw, dtype)
+    except UserError as e:
+        raise UserError(f"{path / CONFIG_FILE}: {e}") from None
+    params = _params_from_tensors(cfg, _read_tensors(path, jnp.dtype(dtype)), path)
+    return cfg, params
+
+
+def _write(directory: Path, cfg: HeadConfig, params: dict) -> None:
+    expected = _expected(cfg)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    got = {tuple(k.key for k in path): leaf for path, leaf in flat}
+    if {p: v.shape for p, v in got.items()} != {p: v.shape for p, v in expected.items()}:
+        raise ValueError("params do not match the head config (names or shapes differ)")
+    tensors = {_hf_name(p): (v.T if p[-1] == "kernel" else jnp.asarray(v)) for p, v in got.items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(head_config_to_hf(cfg), indent=2) + "\n")
+
+
+def save_head_dir(path, cfg: HeadConfig, params: dict, *, overwrite: bool = False) -> None:
+    """Write `path/` (config.json + model.safetensors) in the HF format `load_head_dir` and
+    `dflash` read. The files are written to a temporary sibling directory that is then renamed,
+    so `path` never holds a half-written head. An existing `path` is replaced only if `overwrite`.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write(tmp, cfg, params)
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
