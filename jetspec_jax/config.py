@@ -32,7 +32,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
-    # "xla" | "pallas" | "auto": which tree-attention implementation the layers call.
+    # "auto" | "xla" | "pallas" | "pallas_interpret": the tree-attention implementation.
     attention_impl: str = "auto"
     dtype: str = "float32"  # activation / parameter dtype: "float32" | "bfloat16"
 

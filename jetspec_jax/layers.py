@@ -40,6 +40,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def attention_implementation(name: str):
+    """Config value -> (implementation, interpret) for `tree_attention`.
+
+    "auto" | "xla" | "pallas" as the kernel API; "pallas_interpret" runs the Pallas kernel in
+    interpret mode (CPU tests of the kernel inside the whole model).
+    """
+    if name == "pallas_interpret":
+        return "pallas", True
+    return name, False
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -105,8 +116,9 @@ class Attention(nn.Module):
         k, v = self.keys_values(x, cos, sin)
         cache_k = write_rows(cache_k, k, lengths)
         cache_v = write_rows(cache_v, v, lengths)
+        impl, interpret = attention_implementation(self.attention_impl)
         out = tree_attention(self.queries(x, cos, sin), cache_k, cache_v, lengths, tree_mask,
-                             implementation=self.attention_impl)
+                             implementation=impl, interpret=interpret)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
 
 
