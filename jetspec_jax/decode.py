@@ -1,0 +1,182 @@
+"""Prefill and the decoding loop: every round of a generation inside one `jax.lax.while_loop`.
+
+    result = generate(params, prompts, config, max_new_tokens=64)
+
+Shapes are bucketed so that new prompts, lengths, seeds and temperatures reuse compiled programs:
+the padded prompt length is a power of two (>= 16) and the cache capacity a multiple of
+`CAPACITY_STEP`; the batch size and `DecodeConfig` are the only other static inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jetspec_jax.errors import UserError
+from jetspec_jax.head import DraftHead, init_head_cache
+from jetspec_jax.model import Transformer, init_cache
+from jetspec_jax.step import DecodeConfig, DecodeState, SamplingParams, speculative_step
+
+MIN_PROMPT_BUCKET = 16
+CAPACITY_STEP = 256
+MAX_STOP_IDS = 8
+
+
+def prompt_bucket(length: int) -> int:
+    """Padded prompt length: the next power of two, at least MIN_PROMPT_BUCKET."""
+    return max(MIN_PROMPT_BUCKET, 1 << max(0, length - 1).bit_length())
+
+
+def cache_capacity(config: DecodeConfig, padded_prompt: int, max_new_tokens: int) -> int:
+    """Slots per row: prompt, new tokens, and one round of scratch (tree or draft block)."""
+    scratch = max(config.budget, config.head.block_size if config.head else 1) + 1
+    need = padded_prompt + max_new_tokens + scratch
+    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity"))
+def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, config: DecodeConfig,
+            capacity: int) -> DecodeState:
+    """Run the target over the prompts and build the state of the first round.
+
+    prompt (B, P) int32 right-padded; prompt_lens (B,) int32 >= 1; max_new (B,) int32.
+    All prompt tokens but the last go into the caches; the last one is the first round's root.
+    """
+    b, p = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
+    committed = (prompt_lens - 1).astype(jnp.int32)
+    _, features, cache = Transformer(config.target).apply(
+        {"params": params["target"]}, prompt, positions, init_cache(config.target, b, capacity),
+        causal, taps=config.taps, with_logits=False)
+    head_cache = None
+    if config.head is not None:
+        head_cache = DraftHead(config.head).apply(
+            {"params": params["head"]}, features, positions,
+            init_head_cache(config.head, b, capacity), method=DraftHead.append_context)
+        head_cache = head_cache.replace(lengths=committed)
+    return DecodeState(
+        target_cache=cache.replace(lengths=committed),
+        head_cache=head_cache,
+        root=jnp.take_along_axis(prompt, committed[:, None], axis=1)[:, 0],
+        tokens=jnp.zeros((b, capacity), jnp.int32),
+        num_new=jnp.zeros((b,), jnp.int32),
+        max_new=max_new.astype(jnp.int32),
+        done=max_new <= 0,
+        rounds=jnp.zeros((b,), jnp.int32),
+        accept_lengths=jnp.zeros((b, capacity), jnp.int32),
+        sampling=sampling,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def decode(params, state: DecodeState, max_rounds, *, config: DecodeConfig) -> DecodeState:
+    """Run rounds until every row is done or `max_rounds` (an array: no recompiles) have run."""
+
+    def cond(carry):
+        state, i = carry
+        return (i < max_rounds) & ~jnp.all(state.done)
+
+    def body(carry):
+        state, i = carry
+        state, _ = speculative_step(params, state, config)
+        return state, i + 1
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    return state
+
+
+@dataclasses.dataclass
+class Generation:
+    """One row's result, on the host."""
+
+    ids: list  # new token ids (stop id included when generation stopped on one)
+    accept_lengths: list  # tokens emitted per round
+    stopped: bool  # ended on a stop id (False: hit max_new_tokens)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.accept_lengths)
+
+
+def make_sampling(batch, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=()) -> SamplingParams:
+    """Per-row sampling arrays from scalars or per-row sequences; validates ranges."""
+    t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
+    k = np.broadcast_to(np.asarray(top_k, np.int32), (batch,))
+    p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
+    if np.any(t < 0) or not np.all(np.isfinite(t)):
+        raise UserError("temperature must be a finite number >= 0")
+    if np.any(k < 0):
+        raise UserError("top-k must be >= 0 (0 turns it off)")
+    if np.any(~(p > 0) | (p > 1)):
+        raise UserError("top-p must be in (0, 1]")
+    stop = list(dict.fromkeys(int(s) for s in stop_ids))
+    if len(stop) > MAX_STOP_IDS:
+        raise UserError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop)}")
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (batch,))
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    return SamplingParams(
+        temperature=jnp.asarray(t), top_k=jnp.asarray(k), top_p=jnp.asarray(p), key=keys,
+        stop_ids=jnp.asarray(stop + [-1] * (MAX_STOP_IDS - len(stop)), jnp.int32),
+    )
+
+
+def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
+          top_k=0, top_p=1.0, seed=0, stop_ids=()) -> DecodeState:
+    """Validate and pad the prompts (lists of token ids), then prefill. Returns the first state."""
+    if not prompts:
+        raise UserError("no prompts given")
+    if max_new_tokens < 1:
+        raise UserError("max-new-tokens must be >= 1")
+    vocab = config.target.vocab_size
+    for row in prompts:
+        if len(row) == 0:
+            raise UserError("empty prompt: give at least one token")
+        bad = [t for t in row if not 0 <= int(t) < vocab]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    longest = max(len(r) for r in prompts)
+    padded = prompt_bucket(longest)
+    capacity = cache_capacity(config, padded, max_new_tokens)
+    limit = config.target.max_position_embeddings
+    if longest + max_new_tokens + config.budget > limit:
+        raise UserError(
+            f"prompt ({longest} tokens) + max-new-tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {limit} tokens")
+    batch = len(prompts)
+    prompt = np.zeros((batch, padded), np.int32)
+    for i, row in enumerate(prompts):
+        prompt[i, : len(row)] = row
+    sampling = make_sampling(batch, temperature, top_k, top_p, seed, stop_ids)
+    lens = jnp.asarray([len(r) for r in prompts], jnp.int32)
+    return prefill(params, jnp.asarray(prompt), lens, jnp.full((batch,), max_new_tokens, jnp.int32),
+                   sampling, config=config, capacity=capacity)
+
+
+def results(state: DecodeState) -> list:
+    """Host-side results of every row."""
+    tokens, num_new, rounds, acc, stop = jax.device_get(
+        (state.tokens, state.num_new, state.rounds, state.accept_lengths, state.sampling.stop_ids))
+    out = []
+    for b in range(tokens.shape[0]):
+        ids = tokens[b, : num_new[b]].tolist()
+        stopped = bool(ids) and ids[-1] in set(stop.tolist()) - {-1}
+        out.append(Generation(ids=ids, accept_lengths=acc[b, : rounds[b]].tolist(), stopped=stopped))
+    return out
+
+
+def generate(params, prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
+             top_k=0, top_p=1.0, seed=0, stop_ids=()) -> list:
+    """Generate for a batch of prompts (lists of token ids) in one jitted loop; returns Generations.
+
+    params: {"target": ..., "head": ...}. Lossless: greedy output equals the target's own greedy
+    decoding; sampled output follows the target's processed distribution exactly.
+    """
+    state = start(params, prompts, config, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids)
+    state = decode(params, state, jnp.int32(max_new_tokens), config=config)
+    return results(state)

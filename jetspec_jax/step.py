@@ -1,0 +1,202 @@
+"""One speculative decoding round as a pure function: draft -> tree -> verify -> accept -> commit.
+
+    state, out = speculative_step(params, state, config)
+
+`config` is static (hashable); `state` is a pytree of arrays that the jitted loop donates. AR
+decoding is the same round with a one-node tree (the root) and no draft head; a chain is a tree of
+width 1. See DESIGN.md section 2 for the data flow of a round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jetspec_jax.accept import accept
+from jetspec_jax.cache import KVCache, commit_rows
+from jetspec_jax.config import ModelConfig
+from jetspec_jax.head import DraftHead, HeadConfig
+from jetspec_jax.model import Transformer
+from jetspec_jax.sampling import sample_tokens
+from jetspec_jax.tree import Tree, TreeConfig, build_tree
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Everything about a decoding run that decides shapes or code paths (static under jit)."""
+
+    target: ModelConfig
+    head: HeadConfig | None = None  # None: no drafting (AR)
+    tree: TreeConfig | None = None  # None: AR, one node per round
+    sample: bool = False  # False compiles a greedy-only program; True handles per-row temperatures
+
+    def __post_init__(self):
+        if (self.head is None) != (self.tree is None):
+            raise ValueError("a draft tree needs a draft head and a draft head needs a tree config")
+        if self.tree is not None and self.tree.depth > self.head.block_size - 1:
+            raise ValueError(
+                f"tree depth {self.tree.depth} exceeds the head's block size - 1 "
+                f"({self.head.block_size - 1})"
+            )
+
+    @property
+    def budget(self) -> int:
+        """N: tree nodes verified per round, root included."""
+        return 1 if self.tree is None else self.tree.budget
+
+    @property
+    def depth(self) -> int:
+        """D: the most draft tokens a round can accept."""
+        return 0 if self.tree is None else self.tree.depth
+
+    @property
+    def taps(self) -> tuple:
+        return () if self.head is None else tuple(self.head.target_layer_ids)
+
+
+@struct.dataclass
+class SamplingParams:
+    """Per-row values; changing them never recompiles."""
+
+    temperature: jax.Array  # (B,) float32; 0 = greedy
+    top_k: jax.Array  # (B,) int32; 0 = off
+    top_p: jax.Array  # (B,) float32; 1 = off
+    key: jax.Array  # (B,) typed PRNG keys; round r of row b uses fold_in(key[b], r)
+    stop_ids: jax.Array  # (E,) int32 end-of-sequence ids, padded with -1
+
+
+@struct.dataclass
+class DecodeState:
+    target_cache: KVCache  # lengths (B,) = c: committed tokens except the root
+    head_cache: KVCache | None  # the head's context K/V for the same c positions
+    root: jax.Array  # (B,) int32: last committed token, at position c, in no cache yet
+    tokens: jax.Array  # (B, S) int32: generated tokens, [0, num_new) valid
+    num_new: jax.Array  # (B,) int32
+    max_new: jax.Array  # (B,) int32
+    done: jax.Array  # (B,) bool
+    rounds: jax.Array  # (B,) int32: rounds taken while not done
+    accept_lengths: jax.Array  # (B, S) int32: tokens emitted in each round, [0, rounds) valid
+    sampling: SamplingParams
+
+
+@struct.dataclass
+class RoundOutput:
+    emitted: jax.Array  # (B, D+1) int32: tokens this round, [0, num_emitted) valid
+    num_emitted: jax.Array  # (B,) int32 (0 for rows that were already done)
+
+
+def root_only_tree(root: jax.Array) -> Tree:
+    """The one-node tree of AR decoding."""
+    b = root.shape[0]
+    return Tree(
+        tokens=root[:, None].astype(jnp.int32),
+        parents=jnp.full((b, 1), -1, jnp.int32),
+        depths=jnp.zeros((b, 1), jnp.int32),
+        mask=jnp.ones((b, 1, 1), bool),
+    )
+
+
+def draft_tree(params, state: DecodeState, config: DecodeConfig):
+    """Draft a block [root, MASK x (Bs-1)] with the head and expand it into a static-shape tree.
+
+    Returns the tree and the head cache (the block's rows sit past `lengths` as scratch; carrying
+    the cache forward lets XLA update it in place).
+    """
+    if config.head is None:
+        return root_only_tree(state.root), state.head_cache
+    head_cfg, target = config.head, Transformer(config.target)
+    b, bs = state.root.shape[0], head_cfg.block_size
+    block = jnp.full((b, bs), head_cfg.mask_token_id, jnp.int32).at[:, 0].set(state.root)
+    positions = state.target_cache.lengths[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    embeddings = target.apply({"params": params["target"]}, block, method=Transformer.embed)
+    hidden, head_cache = DraftHead(head_cfg).apply(
+        {"params": params["head"]}, embeddings, positions, state.head_cache)
+    # Row j of the block predicts the token at position c + j: rows 1..D are the draft depths.
+    logits = target.apply({"params": params["target"]}, hidden[:, 1 : 1 + config.depth],
+                          method=Transformer.logits)
+    return build_tree(state.root, logits, config.tree), head_cache
+
+
+def target_tokens(logits, state: DecodeState, config: DecodeConfig):
+    """The target's token at every node: argmax, or one independent sample per node."""
+    if not config.sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    s = state.sampling
+    keys = jax.vmap(jax.random.fold_in)(s.key, state.rounds)
+    return sample_tokens(keys, logits, s.temperature, s.top_k, s.top_p)
+
+
+def emitted_count(emitted, num_accepted, state: DecodeState):
+    """How many of this round's tokens to keep: up to the first stop id, the budget left, 0 if done.
+
+    emitted (B, D+1); num_accepted (B,) -> (B,) int32 and (B,) bool "row finished this round".
+    """
+    width = emitted.shape[1]
+    idx = jnp.arange(width, dtype=jnp.int32)[None, :]
+    valid = idx <= num_accepted[:, None]
+    is_stop = jnp.any(emitted[:, :, None] == state.sampling.stop_ids[None, None, :], axis=-1) & valid
+    first_stop = jnp.min(jnp.where(is_stop, idx, width), axis=1)
+    count = jnp.minimum(num_accepted + 1, first_stop + 1)
+    count = jnp.minimum(count, state.max_new - state.num_new)
+    count = jnp.where(state.done, 0, count).astype(jnp.int32)
+    finished = (first_stop < width) | (state.num_new + count >= state.max_new)
+    return count, finished & ~state.done
+
+
+def write_at(buffer, values, start):
+    """buffer (B, S); values (B, T); start (B,) -> buffer with values at [start, start+T) per row."""
+    return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(buffer, values, start)
+
+
+def speculative_step(params, state: DecodeState, config: DecodeConfig):
+    """One round for every row of the batch. Pure; jit with `config` static and `state` donated.
+
+    params: {"target": target params, "head": head params (absent for AR)}.
+    Returns the new state and this round's emitted tokens.
+    """
+    tree, head_cache = draft_tree(params, state, config)
+    return verify_and_commit(params, state.replace(head_cache=head_cache), tree, config)
+
+
+def verify_and_commit(params, state: DecodeState, tree: Tree, config: DecodeConfig):
+    """Verify `tree` with one target forward, accept the longest matching path and commit it.
+
+    Split from drafting so that any proposal (e.g. an oracle in tests) goes through the same
+    verification and commit code.
+    """
+    c = state.target_cache.lengths
+    target = Transformer(config.target)
+    logits, features, cache = target.apply(
+        {"params": params["target"]}, tree.tokens, c[:, None] + tree.depths, state.target_cache,
+        tree.mask, taps=config.taps)
+    produced = target_tokens(logits, state, config)
+    acc = accept(tree.tokens, tree.parents, tree.depths, tree.mask, produced, config.depth)
+    count, finished = emitted_count(acc.emitted, acc.num_accepted, state)
+
+    # Commit: the root and the accepted nodes that were kept move to [c, c + count); the last kept
+    # token becomes the next root (the bonus when nothing was cut).
+    cache = commit_rows(cache, c[:, None] + acc.path, count)
+    head_cache = state.head_cache
+    if config.head is not None:
+        path_features = jnp.take_along_axis(features, acc.path[:, :, None], axis=1)
+        head_cache = DraftHead(config.head).apply(
+            {"params": params["head"]}, path_features, c[:, None] + jnp.arange(config.depth + 1),
+            head_cache, method=DraftHead.append_context)
+        head_cache = head_cache.replace(lengths=cache.lengths)
+    last = jnp.take_along_axis(acc.emitted, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    active = ~state.done
+    state = state.replace(
+        target_cache=cache,
+        head_cache=head_cache,
+        root=jnp.where(count > 0, last, state.root),
+        tokens=write_at(state.tokens, acc.emitted, state.num_new),
+        num_new=state.num_new + count,
+        done=state.done | finished,
+        rounds=state.rounds + active.astype(jnp.int32),
+        accept_lengths=write_at(state.accept_lengths, jnp.where(active, count, 0)[:, None],
+                                state.rounds),
+    )
+    return state, RoundOutput(emitted=acc.emitted, num_emitted=count)

@@ -1,0 +1,52 @@
+"""Static shapes: after warm-up, new prompts, lengths, seeds and temperatures compile nothing."""
+
+import contextlib
+
+import jax
+import pytest
+
+from jetspec_jax.config import ModelConfig
+from jetspec_jax.decode import generate
+from jetspec_jax.head import HeadConfig, init_head_params
+from jetspec_jax.model import init_params
+from jetspec_jax.step import DecodeConfig
+from jetspec_jax.tree import TreeConfig
+
+TARGET = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=8, intermediate_size=64)
+HEAD = HeadConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                  intermediate_size=64, vocab_size=64, num_target_layers=2, mask_token_id=63,
+                  block_size=4, target_layer_ids=(0,))
+
+_compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **_: _compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    before = len(_compiles)
+    counter = {}
+    yield counter
+    counter["n"] = len(_compiles) - before
+
+
+@pytest.mark.parametrize("mode", ["ar", "tree"])
+def test_no_compilation_after_warm_up(mode):
+    params = {"target": init_params(TARGET, jax.random.PRNGKey(0))}
+    config = DecodeConfig(target=TARGET, sample=True)
+    if mode == "tree":
+        params["head"] = init_head_params(HEAD, jax.random.PRNGKey(1))
+        config = DecodeConfig(target=TARGET, head=HEAD, tree=TreeConfig(6, 2, 3), sample=True)
+    run = lambda prompts, **kw: generate(params, prompts, config, **kw)  # noqa: E731
+    run([[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0.0, seed=0)  # warm-up
+    with count_compiles() as c:
+        # Same bucket (prompts <= 16 tokens, capacity step), other lengths, values, seeds, limits.
+        run([[7] * 16, [9]], max_new_tokens=12, temperature=0.7, top_k=5, top_p=0.9, seed=3)
+        run([[3, 1, 4, 1, 5, 9, 2, 6], [5, 3]], max_new_tokens=30, temperature=[0.0, 1.3], seed=[1, 2],
+            stop_ids=[4, 8])
+    assert c["n"] == 0
+    # The counter works: a new batch size is a new shape and compiles.
+    with count_compiles() as c:
+        run([[1, 2, 3]], max_new_tokens=20)
+    assert c["n"] > 0
