@@ -1,0 +1,218 @@
+"""`python -m jetspec_jax.generate`: generate text with a target model and (optionally) a draft head.
+
+Bad input never ends in a traceback: it prints one `error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jetspec_jax.errors import UserError
+
+MODES = ("ar", "chain", "tree")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m jetspec_jax.generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", nargs="?", help="prompt text (chat template applied); or use --input")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="registered name, HF directory or .gguf file (default: smollm2-135m)")
+    p.add_argument("--draft", default=None,
+                   help="draft head directory, or 'none' (default: the head shipped for the model)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="ar, chain or tree (default: tree with a draft head, else ar)")
+    p.add_argument("--budget", type=int, default=None, help="tree nodes per round N, root included")
+    p.add_argument("--width", type=int, default=None, help="tree width W (top-W per depth)")
+    p.add_argument("--depth", type=int, default=None, help="tree depth D (<= block size - 1)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (--input)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. dp=2,tp=4")
+    p.add_argument("--input", default=None, help="JSONL with prompt / messages / prompt_ids lines")
+    p.add_argument("--output", default=None, help="JSONL results (default: stream text to stdout)")
+    return p
+
+
+def read_requests(args, tokenizer) -> list:
+    """Token-id prompts from the positional prompt or the --input JSONL."""
+    if (args.prompt is None) == (args.input is None):
+        raise UserError("give exactly one of a PROMPT argument or --input FILE")
+    if args.prompt is not None:
+        return [encode_request({"prompt": args.prompt}, tokenizer, "the prompt")]
+    try:
+        with open(args.input, encoding="utf-8") as f:
+            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise UserError(f"cannot read --input {args.input}: {e.strerror}") from None
+    if not lines:
+        raise UserError(f"--input {args.input} holds no requests")
+    requests = []
+    for i, line in lines:
+        where = f"{args.input} line {i}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: malformed JSON ({e.msg})") from None
+        requests.append(encode_request(obj, tokenizer, where))
+    return requests
+
+
+def encode_request(obj, tokenizer, where) -> list:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    if "prompt_ids" in obj:
+        ids = obj["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise UserError(f"{where}: prompt_ids must be a list of integers")
+        if not ids:
+            raise UserError(f"{where}: empty prompt")
+        return ids
+    if "messages" not in obj and "prompt" not in obj:
+        raise UserError(f"{where}: expected one of prompt, messages or prompt_ids")
+    if tokenizer is None:
+        raise UserError(f"{where}: this model has no tokenizer; give prompt_ids")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            raise UserError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+    elif "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise UserError(f"{where}: empty prompt")
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    return tokenizer.apply_chat_template(messages)
+
+
+def decode_config(args, model, head):
+    """The static DecodeConfig the options describe."""
+    from jetspec_jax.step import DecodeConfig
+    from jetspec_jax.tree import TreeConfig
+
+    mode = args.mode or ("tree" if head is not None else "ar")
+    sample = args.temperature > 0
+    if mode == "ar":
+        return DecodeConfig(target=model.config, sample=sample)
+    if head is None:
+        raise UserError(f"--mode {mode} needs a draft head: pass --draft DIR "
+                        f"(no head is registered for {args.model})")
+    head_cfg, _ = head
+    depth = args.depth if args.depth is not None else head_cfg.block_size - 1
+    if not 1 <= depth <= head_cfg.block_size - 1:
+        raise UserError(f"--depth must be in [1, {head_cfg.block_size - 1}] for this head")
+    try:
+        if mode == "chain":
+            tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain")
+        else:
+            tree = TreeConfig(budget=args.budget or 32, width=args.width or 4, depth=depth)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return DecodeConfig(target=model.config, head=head_cfg, tree=tree, sample=sample)
+
+
+def default_head_path(model_spec):
+    """The head shipped for a registered model, if any."""
+    from jetspec_jax.loading.registry import REGISTRY
+
+    entry = REGISTRY.get(str(model_spec))
+    return None if entry is None else entry.default_head
+
+
+def load_head(args, model):
+    """(HeadConfig, params) of the requested head, or None."""
+    from jetspec_jax.head import check_head_fits
+    from jetspec_jax.loading.head_io import load_head_dir
+
+    path = args.draft
+    if path is None:
+        path = default_head_path(args.model)
+    if path is None or path == "none":
+        return None
+    cfg, params = load_head_dir(path, dtype=args.dtype)
+    check_head_fits(cfg, model.config)
+    return cfg, params
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if args.top_k < 0:
+        raise UserError("--top-k must be >= 0")
+    if args.mesh is not None:
+        raise UserError("--mesh is not supported yet (sharded decoding is not implemented)")
+    from jetspec_jax.loading import load_model
+    from jetspec_jax.runner import Runner
+
+    model = load_model(args.model, dtype=args.dtype)
+    requests = read_requests(args, model.tokenizer)
+    head = load_head(args, model)
+    config = decode_config(args, model, head)
+    params = {"target": model.params}
+    if head is not None and config.head is not None:
+        params["head"] = head[1]
+    runner = Runner(params, config, model.tokenizer)
+    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    try:
+        for lo in range(0, len(requests), args.batch_size):
+            batch = requests[lo: lo + args.batch_size]
+            stream = None
+            if out is None and len(batch) == 1 and model.tokenizer is not None:
+                stream = lambda _, text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
+            rows = runner.run(batch, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, stop_ids=model.eos_ids, stop_strings=args.stop,
+                              on_text=stream)
+            for row in rows:
+                if out is not None:
+                    out.write(json.dumps({"ids": row.ids, "text": row.text, "stats": row.stats}) + "\n")
+                    out.flush()
+                else:
+                    if stream is None:
+                        sys.stdout.write(row.text if row.text is not None else json.dumps(row.ids))
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    s = row.stats
+                    mean = s["new_tokens"] / max(1, s["rounds"])
+                    print(f"[{config_name(config)}] {s['new_tokens']} tokens in {s['seconds']:.2f}s "
+                          f"({s['tokens_per_second']} tok/s), {s['rounds']} rounds, "
+                          f"{mean:.2f} tokens/round", file=sys.stderr)
+    finally:
+        if out is not None:
+            out.close()
+    return 0
+
+
+def config_name(config) -> str:
+    if config.tree is None:
+        return "ar"
+    t = config.tree
+    return f"{t.kind} N={t.budget} W={t.width} D={t.depth}"
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

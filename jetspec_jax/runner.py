@@ -1,0 +1,125 @@
+"""Host-side driver around the jitted loop: chunks of rounds, streaming text, stop strings, timing.
+
+The device loop (`decode.decode`) knows token ids only. Stop *strings* depend on detokenized text,
+so they are checked here between chunks of rounds; a row whose text contains one is truncated there
+and marked done before the next chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jetspec_jax.decode import decode, results, start
+from jetspec_jax.step import DecodeConfig
+
+CHUNK_ROUNDS = 8
+
+
+@dataclasses.dataclass
+class RowResult:
+    ids: list
+    text: str | None
+    accept_lengths: list
+    seconds: float
+
+    @property
+    def stats(self) -> dict:
+        n = len(self.ids)
+        return {
+            "rounds": len(self.accept_lengths),
+            "accept_lengths": self.accept_lengths,
+            "new_tokens": n,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(n / self.seconds, 2) if self.seconds > 0 else None,
+        }
+
+
+def _cut_at_stop(text: str, stop_strings) -> int | None:
+    hits = [text.find(s) for s in stop_strings if s and s in text]
+    return min(hits) if hits else None
+
+
+def _ids_for_text_prefix(tokenizer, ids, n_chars):
+    """Fewest leading ids whose decoded text covers the first n_chars characters."""
+    for n in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:n])) >= n_chars:
+            return n
+    return len(ids)
+
+
+class Runner:
+    """Runs batches of prompts through prefill + chunked decoding, compiling once per shape."""
+
+    def __init__(self, params, config: DecodeConfig, tokenizer=None, *, chunk_rounds=CHUNK_ROUNDS):
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.chunk_rounds = chunk_rounds
+        self._warm = set()
+
+    def _warm_up(self, prompts, kwargs):
+        """Compile prefill and the loop for this shape outside the timed region."""
+        key = (len(prompts), max(len(p) for p in prompts), kwargs["max_new_tokens"])
+        if key in self._warm:
+            return
+        state = start(self.params, prompts, self.config, **kwargs)
+        jax.block_until_ready(decode(self.params, state, jnp.int32(0), config=self.config))
+        self._warm.add(key)
+
+    def run(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+            stop_ids=(), stop_strings=(), on_text=None):
+        """prompts: lists of token ids. on_text(row, new_text) streams decoded text as it comes.
+
+        Returns one RowResult per prompt.
+        """
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, stop_ids=stop_ids)
+        self._warm_up(prompts, kwargs)
+        t0 = time.perf_counter()
+        state = start(self.params, prompts, self.config, **kwargs)
+        shown = [""] * len(prompts)
+        cut = [None] * len(prompts)  # token counts fixed by a stop string
+        while True:
+            state = decode(self.params, state, jnp.int32(self.chunk_rounds), config=self.config)
+            done = jax.device_get(state.done)
+            if self.tokenizer is not None and (stop_strings or on_text):
+                state = self._check_text(state, shown, cut, stop_strings, on_text)
+                done = jax.device_get(state.done)
+            if done.all():
+                break
+        seconds = time.perf_counter() - t0
+        out = []
+        for b, gen in enumerate(results(state)):
+            ids = gen.ids if cut[b] is None else gen.ids[: cut[b]]
+            text = None
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(ids)
+                stop_at = _cut_at_stop(text, stop_strings)
+                text = text if stop_at is None else text[:stop_at]
+            out.append(RowResult(ids=ids, text=text, accept_lengths=gen.accept_lengths, seconds=seconds))
+        return out
+
+    def _check_text(self, state, shown, cut, stop_strings, on_text):
+        """Stream new text; stop rows whose text reached a stop string."""
+        gens = results(state)
+        stop_rows = []
+        for b, gen in enumerate(gens):
+            if cut[b] is not None:
+                continue
+            text = self.tokenizer.decode(gen.ids)
+            stop_at = _cut_at_stop(text, stop_strings)
+            if stop_at is not None:
+                cut[b] = _ids_for_text_prefix(self.tokenizer, gen.ids, stop_at)
+                text = text[:stop_at]
+                stop_rows.append(b)
+            elif text.endswith("\ufffd"):
+                text = text[: len(text.rstrip("\ufffd"))]  # wait for the rest of a multi-byte char
+            if on_text and len(text) > len(shown[b]) and text.startswith(shown[b]):
+                on_text(b, text[len(shown[b]):])
+                shown[b] = text
+        if stop_rows:
+            done = state.done.at[jnp.asarray(stop_rows)].set(True)
+            state = state.replace(done=done)
+        return state

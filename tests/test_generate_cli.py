@@ -1,0 +1,118 @@
+"""The command line against HF transformers: greedy ids identical, single and ragged batches."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jetspec_jax.cli import main
+
+FAMILIES = ["qwen3", "qwen2", "llama"]
+PROMPTS = [[3, 17, 42, 99, 5], [120, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]]
+
+
+def hf_greedy(model_dir, prompt, max_new):
+    """transformers' own greedy decoding of one prompt (float32, no padding)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def run_cli(tmp_path, args, requests):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    assert main([*args, "--input", str(src), "--output", str(dst)]) == 0
+    return [json.loads(line) for line in dst.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_ids_equal_transformers(tiny_hf_models, tmp_path, family, batch_size):
+    model_dir = tiny_hf_models[family]
+    rows = run_cli(tmp_path, ["--model", str(model_dir), "--max-new-tokens", "20",
+                              "--batch-size", str(batch_size)], [{"prompt_ids": p} for p in PROMPTS])
+    assert len(rows) == len(PROMPTS)
+    for prompt, row in zip(PROMPTS, rows):
+        expected = hf_greedy(model_dir, prompt, 20)
+        assert row["ids"] == expected[: len(row["ids"])]
+        assert len(row["ids"]) == len(expected)  # same stopping point (EOS or the limit)
+        stats = row["stats"]
+        assert stats["new_tokens"] == len(row["ids"]) and stats["rounds"] == len(stats["accept_lengths"])
+        assert row["text"] is None  # a bare HF directory has no tokenizer
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_equals_transformers_gguf(smollm2_gguf, smollm2_model, tmp_path):
+    import torch
+    import transformers
+
+    messages = [[{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
+                [{"role": "system", "content": "You are a terse assistant."},
+                 {"role": "user", "content": "List three prime numbers and add them up."}]]
+    rows = run_cli(tmp_path, ["--model", "smollm2-135m", "--max-new-tokens", "56"],
+                   [{"messages": m} for m in messages])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, torch_dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    for m, row in zip(messages, rows):
+        ids = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ids == smollm2_model.tokenizer.apply_chat_template(m)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=56, do_sample=False,
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              eos_token_id=list(smollm2_model.eos_ids))
+        expected = out[0, len(ids):].tolist()
+        assert row["ids"] == expected
+        assert len(row["ids"]) >= 48 or row["ids"][-1] in smollm2_model.eos_ids
+        assert row["text"] == smollm2_model.tokenizer.decode(row["ids"])
+
+
+BAD_INPUTS = [
+    (["--model", "/nonexistent/model-dir"], None, "error: "),
+    (["--max-new-tokens", "0"], [{"prompt_ids": [1, 2]}], "max-new-tokens"),
+    (["--temperature", "-1"], [{"prompt_ids": [1, 2]}], "temperature"),
+    (["--top-p", "0"], [{"prompt_ids": [1, 2]}], "top-p"),
+    (["--top-p", "1.5"], [{"prompt_ids": [1, 2]}], "top-p"),
+    ([], [{"prompt_ids": []}], "empty prompt"),
+    ([], [{"prompt_ids": [1, 999999]}], "outside the vocabulary"),
+    ([], "not json\n", "malformed JSON"),
+    ([], [{"nothing": 1}], "expected one of"),
+    (["--max-new-tokens", "100000"], [{"prompt_ids": [1, 2]}], "exceeds"),
+    (["--mode", "tree"], [{"prompt_ids": [1, 2]}], "needs a draft head"),
+    (["--mode", "sideways"], [{"prompt_ids": [1, 2]}], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("args,requests,message", BAD_INPUTS)
+def test_bad_input_is_one_error_line(tiny_hf_models, tmp_path, capsys, args, requests, message):
+    argv = list(args)
+    if "--model" not in argv:
+        argv = ["--model", str(tiny_hf_models["llama"]), *argv]
+    if requests is not None:
+        src = tmp_path / "in.jsonl"
+        src.write_text(requests if isinstance(requests, str) else
+                       "".join(json.dumps(r) + "\n" for r in requests))
+        argv += ["--input", str(src)]
+    else:
+        argv += ["hello"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_truncated_model_file_exits_2_without_traceback(tmp_path, smollm2_gguf):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(smollm2_gguf.read_bytes()[: 5_000_000])
+    proc = subprocess.run([sys.executable, "-m", "jetspec_jax.generate", "hi", "--model", str(broken)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
