@@ -72,7 +72,7 @@ def _oracle_logits(reference, num_new, depth, vocab, rank_of_truth, rng):
     return jnp.asarray(logits)
 
 
-def _run_oracle(params, reference, tree, rank_fn, seed=0):
+def _run_oracle(params, reference, tree, rank_fn, seed=0, return_state=False):
     config = DecodeConfig(target=TARGET, head=HEAD, tree=tree)
     state = start(params, PROMPTS, config, max_new_tokens=24)
     rng = np.random.default_rng(seed)
@@ -83,7 +83,7 @@ def _run_oracle(params, reference, tree, rank_fn, seed=0):
         state = _oracle_round(params, state, logits, config)
     ids = [np.asarray(state.tokens[b, : state.num_new[b]]).tolist() for b in range(len(PROMPTS))]
     acc = [np.asarray(state.accept_lengths[b, : state.rounds[b]]).tolist() for b in range(len(PROMPTS))]
-    return ids, acc
+    return (ids, acc, state) if return_state else (ids, acc)
 
 
 def test_oracle_drafter_is_accepted_to_full_depth(params, reference):
@@ -104,3 +104,36 @@ def test_tree_recovers_second_choices_that_a_chain_misses(params, reference):
     assert chain_ids == reference and tree_ids == reference
     mean = lambda acc: np.mean([a for row in acc for a in row])  # noqa: E731
     assert mean(tree_acc) > mean(chain_acc) + 1.0, (mean(tree_acc), mean(chain_acc))
+
+
+def test_commit_equals_reprefill_of_the_accepted_prefix(params, reference):
+    """After many rounds of deep, branching acceptance, both caches hold exactly what a fresh
+    prefill of prompt + generated tokens (all but the root) would hold."""
+    ranks = lambda rng, shape: (rng.random(shape) < 0.3).astype(int)  # noqa: E731
+    config = DecodeConfig(target=TARGET, head=HEAD, tree=TreeConfig(48, 2, 7))
+    ids, _, state = _run_oracle(params, reference, config.tree, ranks, return_state=True)
+    fresh = start(params, [p + r for p, r in zip(PROMPTS, ids)], config, max_new_tokens=1)
+    np.testing.assert_array_equal(state.target_cache.lengths, fresh.target_cache.lengths)
+    np.testing.assert_array_equal(state.root, fresh.root)
+    for ours, ref in [(state.target_cache, fresh.target_cache), (state.head_cache, fresh.head_cache)]:
+        for b, n in enumerate(np.asarray(ref.lengths)):
+            for a, r in zip(ours.k + ours.v, ref.k + ref.v):
+                np.testing.assert_allclose(a[b, :, :n], r[b, :, :n], atol=2e-5, rtol=1e-5)
+
+
+def test_pallas_kernel_inside_the_model_is_lossless(monkeypatch):
+    """The whole speculative loop with the Pallas kernel (interpret mode) equals XLA AR decoding."""
+    import jetspec_jax.kernels.tree_attn.api as api
+
+    calls = []
+    real = api.tree_attention_pallas
+    monkeypatch.setattr(api, "tree_attention_pallas", lambda *a, **k: calls.append(1) or real(*a, **k))
+    target = TARGET.replace(num_layers=2, head_dim=16)  # the kernel covers power-of-two head dims >= 16
+    head = HEAD.replace(head_dim=16, num_target_layers=2, target_layer_ids=(0, 1))
+    p = {"target": init_params(target, jax.random.PRNGKey(5)), "head": init_head_params(head, jax.random.PRNGKey(6))}
+    ar = generate({"target": p["target"]}, PROMPTS[:2], DecodeConfig(target=target), max_new_tokens=8)
+    pallas = DecodeConfig(target=target.replace(attention_impl="pallas_interpret"),
+                          head=head.replace(attention_impl="pallas_interpret"), tree=TreeConfig(12, 3, 4))
+    out = generate(p, PROMPTS[:2], pallas, max_new_tokens=8)
+    assert calls, "the Pallas kernel was never called"
+    assert [g.ids for g in out] == [g.ids for g in ar]
