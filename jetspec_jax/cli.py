@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=None, help="tree nodes per round N, root included")
     p.add_argument("--width", type=int, default=None, help="tree width W (top-W per depth)")
     p.add_argument("--depth", type=int, default=None, help="tree depth D (<= block size - 1)")
+    p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first",
+                   help="best_first: the N-1 most likely nodes; top2gap: fan-out shrinks where the "
+                        "draft is confident")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -115,7 +118,8 @@ def decode_config(args, model, head):
         if mode == "chain":
             tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain")
         else:
-            tree = TreeConfig(budget=args.budget or 32, width=args.width or 4, depth=depth)
+            tree = TreeConfig(budget=args.budget or 32, width=args.width or 4, depth=depth,
+                              kind=args.tree_kind)
     except ValueError as e:
         raise UserError(str(e)) from None
     return DecodeConfig(target=model.config, head=head_cfg, tree=tree, sample=sample)

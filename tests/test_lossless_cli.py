@@ -49,6 +49,7 @@ MODES = [
     (["--mode", "tree", "--budget", "7", "--width", "4", "--depth", "3"], 3),
     (["--mode", "tree", "--budget", "33", "--width", "8", "--depth", "7"], 1),
     (["--mode", "tree", "--budget", "64", "--width", "4", "--depth", "7"], 3),
+    (["--mode", "tree", "--budget", "16", "--width", "4", "--tree-kind", "top2gap"], 3),
 ]
 
 
