@@ -99,24 +99,31 @@ def root_only_tree(root: jax.Array) -> Tree:
     )
 
 
-def draft_tree(params, state: DecodeState, config: DecodeConfig):
-    """Draft a block [root, MASK x (Bs-1)] with the head and expand it into a static-shape tree.
+def draft_logits(params, root, head_cache: KVCache, config: DecodeConfig):
+    """The head's per-depth logits for the block [root, MASK x (Bs-1)] at positions
+    head_cache.lengths + (0..Bs-1): root (B,) -> logits (B, D, V), head cache.
 
-    Returns the tree and the head cache (the block's rows sit past `lengths` as scratch; carrying
-    the cache forward lets XLA update it in place).
+    The block's rows sit in the head cache past `lengths` as scratch; carrying the cache forward
+    lets XLA update it in place.
     """
-    if config.head is None:
-        return root_only_tree(state.root), state.head_cache
     head_cfg, target = config.head, Transformer(config.target)
-    b, bs = state.root.shape[0], head_cfg.block_size
-    block = jnp.full((b, bs), head_cfg.mask_token_id, jnp.int32).at[:, 0].set(state.root)
-    positions = state.target_cache.lengths[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    b, bs = root.shape[0], head_cfg.block_size
+    block = jnp.full((b, bs), head_cfg.mask_token_id, jnp.int32).at[:, 0].set(root)
+    positions = head_cache.lengths[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
     embeddings = target.apply({"params": params["target"]}, block, method=Transformer.embed)
     hidden, head_cache = DraftHead(head_cfg).apply(
-        {"params": params["head"]}, embeddings, positions, state.head_cache)
+        {"params": params["head"]}, embeddings, positions, head_cache)
     # Row j of the block predicts the token at position c + j: rows 1..D are the draft depths.
     logits = target.apply({"params": params["target"]}, hidden[:, 1 : 1 + config.depth],
                           method=Transformer.logits)
+    return logits, head_cache
+
+
+def draft_tree(params, state: DecodeState, config: DecodeConfig):
+    """Draft with the head and expand the logits into a static-shape tree -> (tree, head cache)."""
+    if config.head is None:
+        return root_only_tree(state.root), state.head_cache
+    logits, head_cache = draft_logits(params, state.root, state.head_cache, config)
     return build_tree(state.root, logits, config.tree), head_cache
 
 
@@ -167,18 +174,31 @@ def verify_and_commit(params, state: DecodeState, tree: Tree, config: DecodeConf
     Split from drafting so that any proposal (e.g. an oracle in tests) goes through the same
     verification and commit code.
     """
+    logits, features, cache = verify(params, state.target_cache, tree, config)
+    return commit(params, state.replace(target_cache=cache), tree, logits, features, config)
+
+
+def verify(params, cache: KVCache, tree: Tree, config: DecodeConfig):
+    """The target forward over the tree's N tokens at positions c + depth, K/V written at
+    [c, c + N) of the target cache -> logits (B, N, V), tapped features (B, N, taps*d) or None,
+    cache."""
+    c = cache.lengths
+    return Transformer(config.target).apply(
+        {"params": params["target"]}, tree.tokens, c[:, None] + tree.depths, cache, tree.mask,
+        taps=config.taps)
+
+
+def commit(params, state: DecodeState, tree: Tree, logits, features, config: DecodeConfig):
+    """Accept against the verification `logits` and commit; `state.target_cache` is verify's.
+
+    The root and the accepted nodes that were kept move to [c, c + count); the last kept token
+    becomes the next root (the bonus when nothing was cut).
+    """
     c = state.target_cache.lengths
-    target = Transformer(config.target)
-    logits, features, cache = target.apply(
-        {"params": params["target"]}, tree.tokens, c[:, None] + tree.depths, state.target_cache,
-        tree.mask, taps=config.taps)
     produced = target_tokens(logits, state, config)
     acc = accept(tree.tokens, tree.parents, tree.depths, tree.mask, produced, config.depth)
     count, finished = emitted_count(acc.emitted, acc.num_accepted, state)
-
-    # Commit: the root and the accepted nodes that were kept move to [c, c + count); the last kept
-    # token becomes the next root (the bonus when nothing was cut).
-    cache = commit_rows(cache, c[:, None] + acc.path, count)
+    cache = commit_rows(state.target_cache, c[:, None] + acc.path, count)
     head_cache = state.head_cache
     if config.head is not None:
         path_features = jnp.take_along_axis(features, acc.path[:, :, None], axis=1)
