@@ -39,13 +39,16 @@ def write_rows(layer_cache: jax.Array, rows: jax.Array, start: jax.Array) -> jax
 
     layer_cache (B, Hkv, S, Dh); rows (B, T, Hkv, Dh); start (B,) int32 -> (B, Hkv, S, Dh).
     The caller guarantees start + T <= S (dynamic_update_slice would silently clamp).
+
+    One dynamic_update_slice per batch row (B is static and small): XLA updates the buffer in
+    place. A vmapped dynamic_update_slice becomes a scatter that XLA:CPU lowers to a select over
+    the whole (B, Hkv, S, Dh) cache, i.e. a full copy per layer and per call.
     """
-    rows = rows.transpose(0, 2, 1, 3).astype(layer_cache.dtype)
-
-    def one(c, r, s):
-        return jax.lax.dynamic_update_slice(c, r, (0, s, 0))
-
-    return jax.vmap(one)(layer_cache, rows, start)
+    rows = rows.transpose(0, 2, 1, 3).astype(layer_cache.dtype)  # (B, Hkv, T, Dh)
+    zero = jnp.zeros((), start.dtype)
+    for b in range(layer_cache.shape[0]):
+        layer_cache = jax.lax.dynamic_update_slice(layer_cache, rows[b : b + 1], (b, zero, start[b], zero))
+    return layer_cache
 
 
 def gather_rows(layer_cache: jax.Array, slots: jax.Array) -> jax.Array:
@@ -60,13 +63,22 @@ def commit_rows(cache: KVCache, slots: jax.Array, num_accepted: jax.Array) -> KV
     slots (B, T) int32: cache slots of the rows to keep, in order (T static; entries past
     num_accepted[b] are ignored); num_accepted (B,) int32 -> cache with those rows copied to
     `[lengths, lengths + T)` and `lengths += num_accepted`.
+
+    slots[:, 0] must equal `lengths`: the first kept row is the round's root, which verification
+    wrote in place, so only slots[:, 1:] are copied. With T = 1 (AR decoding) nothing is written:
+    a rewrite of the root's own row would be a cache write that XLA cannot order after the
+    attention reads of the same buffer, and it would copy every layer's cache to keep it apart.
     """
+    moved = slots[:, 1:]
+    lengths = cache.lengths + num_accepted.astype(jnp.int32)
+    if moved.shape[1] == 0:
+        return cache.replace(lengths=lengths)
 
     def move(layer):
-        return write_rows(layer, gather_rows(layer, slots), cache.lengths)
+        return write_rows(layer, gather_rows(layer, moved), cache.lengths + 1)
 
     return cache.replace(
         k=tuple(move(k) for k in cache.k),
         v=tuple(move(v) for v in cache.v),
-        lengths=cache.lengths + num_accepted.astype(jnp.int32),
+        lengths=lengths,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from jetspec_jax.kernels.tree_attn.pallas_kernel import tree_attention_pallas
-from jetspec_jax.kernels.tree_attn.reference import tree_attention_reference
+from jetspec_jax.kernels.tree_attn.xla import tree_attention_xla
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 
@@ -34,4 +34,4 @@ def tree_attention(q, k, v, lengths, tree_mask, *, implementation: str = "auto",
             return tree_attention_pallas(q, k, v, lengths, tree_mask, interpret=interpret)
         except NotImplementedError:
             pass
-    return tree_attention_reference(q, k, v, lengths, tree_mask)
+    return tree_attention_xla(q, k, v, lengths, tree_mask)
