@@ -34,6 +34,9 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+UNROLL_ROWS = 64  # batch sizes up to this get one in-place update per row
+
+
 def write_rows(layer_cache: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     """Write new rows into one layer's cache.
 
@@ -45,6 +48,8 @@ def write_rows(layer_cache: jax.Array, rows: jax.Array, start: jax.Array) -> jax
     the whole (B, Hkv, S, Dh) cache, i.e. a full copy per layer and per call.
     """
     rows = rows.transpose(0, 2, 1, 3).astype(layer_cache.dtype)  # (B, Hkv, T, Dh)
+    if layer_cache.shape[0] > UNROLL_ROWS:  # an unrolled loop over thousands of rows would not compile
+        return jax.vmap(lambda c, r, s: jax.lax.dynamic_update_slice(c, r, (0, s, 0)))(layer_cache, rows, start)
     zero = jnp.zeros((), start.dtype)
     for b in range(layer_cache.shape[0]):
         layer_cache = jax.lax.dynamic_update_slice(layer_cache, rows[b : b + 1], (b, zero, start[b], zero))
