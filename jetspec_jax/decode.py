@@ -126,8 +126,12 @@ def make_sampling(batch, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=(
 
 
 def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
-          top_k=0, top_p=1.0, seed=0, stop_ids=()) -> DecodeState:
-    """Validate and pad the prompts (lists of token ids), then prefill. Returns the first state."""
+          top_k=0, top_p=1.0, seed=0, stop_ids=(), capacity: int | None = None) -> DecodeState:
+    """Validate and pad the prompts (lists of token ids), then prefill. Returns the first state.
+
+    capacity: cache slots per row; by default the bucket these prompts need. A larger fixed value
+    lets states of different prompt batches share one compiled loop (see `batcher.py`).
+    """
     if not prompts:
         raise UserError("no prompts given")
     if max_new_tokens < 1:
@@ -141,7 +145,12 @@ def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, tempera
             raise UserError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
     longest = max(len(r) for r in prompts)
     padded = prompt_bucket(longest)
-    capacity = cache_capacity(config, padded, max_new_tokens)
+    need = cache_capacity(config, padded, max_new_tokens)
+    if capacity is None:
+        capacity = need
+    elif capacity < need:
+        raise UserError(f"a cache of {capacity} slots cannot hold a {longest}-token prompt "
+                        f"and {max_new_tokens} new tokens ({need} needed)")
     limit = config.target.max_position_embeddings
     if longest + max_new_tokens + config.budget > limit:
         raise UserError(
