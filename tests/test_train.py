@@ -303,21 +303,21 @@ def test_regeneration_resumes_without_repeats(tmp_path, target, monkeypatch):
     import jetspec_jax.train.data as data_module
 
     prompts = [(f"p/{i}", list(range(2, 5 + i % 4))) for i in range(7)]
-    kw = dict(batch_size=3, max_new_tokens=6)
+    kw = dict(batch_size=3, max_new_tokens=6, shard_size=3)
     regenerate(target, prompts, tmp_path / "straight", progress=False, **kw)
 
-    real, calls = data_module.generate, []
+    real, calls = data_module.write_shard, []
 
-    def crash_on_second_batch(*args, **kwargs):
+    def crash_on_second_shard(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(data_module, "generate", crash_on_second_batch)
+    monkeypatch.setattr(data_module, "write_shard", crash_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw)
-    monkeypatch.setattr(data_module, "generate", real)
+    monkeypatch.setattr(data_module, "write_shard", real)
     assert len(read_sequences(tmp_path / "resumed")) == 3
     assert regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw) == 4
     straight, resumed = read_sequences(tmp_path / "straight"), read_sequences(tmp_path / "resumed")

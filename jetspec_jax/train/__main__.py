@@ -44,7 +44,12 @@ def run(argv=None) -> None:
     progress = not args.no_progress
     if args.stage in ("data", "all"):
         d = cfg.data
-        regenerate(model, chat_prompts(model.tokenizer, d.prompt_sets, d.limit), d.dir, batch_size=d.batch_size,
+        prompts = chat_prompts(model.tokenizer, d.prompt_sets, d.limit)
+        kept = [p for p in prompts if len(p[1]) <= d.max_prompt_tokens]
+        if len(kept) < len(prompts):
+            print(f"skipping {len(prompts) - len(kept)} of {len(prompts)} prompts longer than "
+                  f"data.max_prompt_tokens={d.max_prompt_tokens}", file=sys.stderr)
+        regenerate(model, kept, d.dir, batch_size=d.batch_size,
                    max_new_tokens=d.max_new_tokens, temperature=d.temperature, seed=d.seed,
                    manifest={"target": cfg.target, "prompt_sets": list(d.prompt_sets)}, progress=progress)
     if args.stage in ("train", "all"):

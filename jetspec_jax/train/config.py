@@ -3,7 +3,8 @@
     cfg = read_config("configs/smollm2-135m-causal.yaml")
 
     target: smollm2-135m            # registered name, HF directory or .gguf (the frozen target)
-    data:   {dir, prompt_sets, max_new_tokens, batch_size, temperature, seed, limit}
+    data:   {dir, prompt_sets, max_new_tokens, batch_size, temperature, seed, limit,
+             max_prompt_tokens}
     head:   {num_layers, block_size, causal, mask_token_id, ...}  (unset shapes come from the target)
     train:  {output_dir, steps, batch_size, max_length, anchors_per_seq, loss, lr, ...}
 
@@ -34,6 +35,7 @@ class DataConfig:
     temperature: float = 0.0  # 0: greedy
     seed: int = 0
     limit: int | None = None  # only the first `limit` prompts of each set (smoke runs)
+    max_prompt_tokens: int = 512  # longer chat prompts are skipped: they would size every row's cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +154,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"{where}: train.max_length must exceed head.block_size + 1")
     if not t.lr > 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:
         raise UserError(f"{where}: need train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0")
+    if cfg.data.max_prompt_tokens < 1:
+        raise UserError(f"{where}: data.max_prompt_tokens must be >= 1")
     if cfg.data.max_new_tokens < 1 or cfg.data.batch_size < 1 or cfg.data.temperature < 0:
         raise UserError(f"{where}: need data.max_new_tokens >= 1, data.batch_size >= 1, data.temperature >= 0")
     if cfg.data.limit is not None and cfg.data.limit < 1:

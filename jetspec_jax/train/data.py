@@ -6,10 +6,12 @@
 Why: a head trained on the target's own outputs learns what the target will say; trained on
 corpus text it learns something else (DESIGN.md section 3: GSM8K tau 8.62 vs 3.65 in the paper).
 
-Prompts are sorted by length and decoded in batches with the project's jitted `generate` (AR:
-no draft head yet). Each batch becomes one shard (see `shards.py`). A restart skips every prompt
-whose key is already stored, so an interrupted run resumes where it stopped. Sampling, when
-used, draws from a per-prompt seed, so the result does not depend on how prompts were batched.
+Prompts are sorted by length and decoded with continuous batching (`batcher.py`, AR: no draft
+head yet): a row that finishes is refilled with the next prompt, so one long answer does not
+hold a whole batch. Every `shard_size` finished answers become one shard (see `shards.py`). A
+restart skips every prompt whose key is already stored, so an interrupted run resumes where it
+stopped, losing at most the answers not yet written. Sampling, when used, draws from a
+per-prompt seed, so the result does not depend on how prompts were batched.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import zlib
 
 from tqdm import tqdm
 
-from jetspec_jax.decode import generate
+from jetspec_jax.batcher import generate_continuous
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import check_training_sets, load_prompts
 from jetspec_jax.step import DecodeConfig
@@ -45,7 +47,7 @@ def _row_seed(seed: int, key: str) -> int:
 
 
 def regenerate(model, prompts, out_dir, *, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
-               seed: int = 0, manifest: dict | None = None, progress: bool = True) -> int:
+               seed: int = 0, manifest: dict | None = None, progress: bool = True, shard_size: int = 256) -> int:
     """Answer every prompt not yet stored in `out_dir`; returns how many were answered now.
 
     model: has `.config` (ModelConfig), `.params`, `.eos_ids` (a `LoadedModel`).
@@ -59,24 +61,31 @@ def regenerate(model, prompts, out_dir, *, batch_size: int, max_new_tokens: int,
     if not todo:
         return 0
     config = DecodeConfig(target=model.config, sample=temperature > 0)
-    params = {"target": model.params}
     next_shard = max((int(p.stem.split("-")[1]) + 1 for p in shard_paths(out_dir)), default=0)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="regenerating", unit="seq",
-               file=sys.stderr, disable=not progress or None)
-    new_tokens, start = 0, time.perf_counter()
-    for first in range(0, len(todo), batch_size):
-        batch = todo[first:first + batch_size]
-        # A short last batch is padded with copies of its first prompt: one compiled batch size.
-        rows = batch + [batch[0]] * (batch_size - len(batch))
-        gens = generate(params, [ids for _, ids in rows], config, max_new_tokens=max_new_tokens,
-                        temperature=temperature, seed=[_row_seed(seed, k) for k, _ in rows],
-                        stop_ids=model.eos_ids)[: len(batch)]
-        write_shard(out_dir, next_shard, [list(ids) + g.ids for (_, ids), g in zip(batch, gens)],
-                    [len(ids) for _, ids in batch], [k for k, _ in batch], [g.stopped for g in gens],
-                    model.config.vocab_size)
+               file=sys.stderr, disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)  # logs to a file: a line every 30 s
+    new_tokens, start, pending = 0, time.perf_counter(), []
+
+    def flush():
+        nonlocal next_shard
+        (keys, ids), gens = zip(*[todo[i] for i, _ in pending]), [g for _, g in pending]
+        write_shard(out_dir, next_shard, [list(p) + g.ids for p, g in zip(ids, gens)], [len(p) for p in ids],
+                    list(keys), [g.stopped for g in gens], model.config.vocab_size)
         next_shard += 1
-        new_tokens += sum(len(g.ids) for g in gens)
-        bar.update(len(batch))
+        pending.clear()
+
+    finished = generate_continuous({"target": model.params}, [ids for _, ids in todo], config,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   seeds=[_row_seed(seed, k) for k, _ in todo], stop_ids=model.eos_ids)
+    for index, gen in finished:
+        pending.append((index, gen))
+        new_tokens += len(gen.ids)
+        bar.update(1)
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+        if len(pending) >= shard_size:
+            flush()
+    if pending:
+        flush()
     bar.close()
     return len(todo)

@@ -115,7 +115,8 @@ def train(cfg: TrainConfig, *, model=None, on_step=None, progress: bool = True):
 
     start = int(state.step)
     bar = tqdm(total=t.steps, initial=start, desc="training", unit="step", file=sys.stderr,
-               disable=not progress or None)
+               disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)  # logs to a file: a line every 30 s
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start, t.steps):
         indices = step_indices(pool, t.batch_size, step, t.seed)
