@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from jetspec_jax.errors import UserError
@@ -42,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (--input)")
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. dp=2,tp=4")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. dp=2,tp=4: dp splits the batch, tp the attention heads "
+                        "and MLP width (default: one device)")
+    p.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0 for a multi-process run (env JETSPEC_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="processes in a multi-process run (env JETSPEC_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None,
+                   help="this process's index, 0..N-1 (env JETSPEC_PROCESS_ID)")
     p.add_argument("--input", default=None, help="JSONL with prompt / messages / prompt_ids lines")
     p.add_argument("--output", default=None, help="JSONL results (default: stream text to stdout)")
     return p
@@ -160,8 +169,15 @@ def run(argv=None) -> int:
         raise UserError("--top-p must be in (0, 1]")
     if args.top_k < 0:
         raise UserError("--top-k must be >= 0")
-    if args.mesh is not None:
-        raise UserError("--mesh is not supported yet (sharded decoding is not implemented)")
+    from jetspec_jax.sharding import make_mesh, parse_mesh
+
+    mesh_sizes = parse_mesh(args.mesh) if args.mesh is not None else None  # bad syntax fails early
+    processes = init_distributed(args)
+    if processes > 1 and mesh_sizes is None:
+        raise UserError("a multi-process run needs --mesh (e.g. --mesh dp=2 over two processes)")
+    mesh = make_mesh(mesh_sizes) if mesh_sizes is not None else None
+    import jax
+
     from jetspec_jax.loading import load_model
     from jetspec_jax.runner import Runner
 
@@ -172,19 +188,22 @@ def run(argv=None) -> int:
     params = {"target": model.params}
     if head is not None and config.head is not None:
         params["head"] = head[1]
-    runner = Runner(params, config, model.tokenizer)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    runner = Runner(params, config, model.tokenizer, mesh=mesh)
+    writer = jax.process_index() == 0  # every process decodes; the first one reports
+    out = open(args.output, "w", encoding="utf-8") if args.output and writer else None
     try:
         for lo in range(0, len(requests), args.batch_size):
             batch = requests[lo: lo + args.batch_size]
             stream = None
-            if out is None and len(batch) == 1 and model.tokenizer is not None:
+            if out is None and writer and len(batch) == 1 and model.tokenizer is not None:
                 stream = lambda _, text: (sys.stdout.write(text), sys.stdout.flush())  # noqa: E731
             rows = runner.run(batch, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, stop_ids=model.eos_ids, stop_strings=args.stop,
                               on_text=stream)
             for row in rows:
+                if not writer:
+                    continue
                 if out is not None:
                     out.write(json.dumps({"ids": row.ids, "text": row.text, "stats": row.stats}) + "\n")
                     out.flush()
@@ -202,6 +221,43 @@ def run(argv=None) -> int:
         if out is not None:
             out.close()
     return 0
+
+
+def _setting(value, env: str, name: str):
+    """An option's value, else its environment variable's (as an int where the option is one)."""
+    if value is not None or env not in os.environ:
+        return value
+    raw = os.environ[env]
+    if name == "--coordinator":
+        return raw
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{env}={raw!r} is not a whole number") from None
+
+
+def init_distributed(args) -> int:
+    """Join a multi-process run (jax.distributed) before any device is used -> process count."""
+    coordinator = _setting(args.coordinator, "JETSPEC_COORDINATOR", "--coordinator")
+    num = _setting(args.num_processes, "JETSPEC_NUM_PROCESSES", "--num-processes")
+    pid = _setting(args.process_id, "JETSPEC_PROCESS_ID", "--process-id")
+    if coordinator is None and num is None and pid is None:
+        return 1
+    if coordinator is None or num is None or pid is None:
+        raise UserError("a multi-process run needs all of --coordinator HOST:PORT, "
+                        "--num-processes N and --process-id I")
+    if num < 1 or not 0 <= pid < num:
+        raise UserError(f"--process-id must be in [0, {num}) and --num-processes >= 1")
+    if ":" not in coordinator:
+        raise UserError(f"--coordinator {coordinator!r} must be HOST:PORT")
+    import jax
+
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot join the run at {coordinator}: {first}") from None
+    return num
 
 
 def config_name(config) -> str:

@@ -19,6 +19,8 @@ import numpy as np
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import DraftHead, init_head_cache
 from jetspec_jax.model import Transformer, init_cache
+from jetspec_jax.sharding import (as_mesh, constrain_state, padded_batch, place_replicated, place_rows,
+                                shard_params, to_host)
 from jetspec_jax.step import DecodeConfig, DecodeState, SamplingParams, speculative_step
 
 MIN_PROMPT_BUCKET = 16
@@ -38,13 +40,14 @@ def cache_capacity(config: DecodeConfig, padded_prompt: int, max_new_tokens: int
     return -(-need // CAPACITY_STEP) * CAPACITY_STEP
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "mesh"))
 def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, config: DecodeConfig,
-            capacity: int) -> DecodeState:
+            capacity: int, mesh=None) -> DecodeState:
     """Run the target over the prompts and build the state of the first round.
 
     prompt (B, P) int32 right-padded; prompt_lens (B,) int32 >= 1; max_new (B,) int32.
     All prompt tokens but the last go into the caches; the last one is the first round's root.
+    mesh: a `jax.sharding.Mesh` to lay the state out on (see sharding.py), or None.
     """
     b, p = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -59,7 +62,7 @@ def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, c
             {"params": params["head"]}, features, positions,
             init_head_cache(config.head, b, capacity), method=DraftHead.append_context)
         head_cache = head_cache.replace(lengths=committed)
-    return DecodeState(
+    state = DecodeState(
         target_cache=cache.replace(lengths=committed),
         head_cache=head_cache,
         root=jnp.take_along_axis(prompt, committed[:, None], axis=1)[:, 0],
@@ -71,11 +74,15 @@ def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, c
         accept_lengths=jnp.zeros((b, capacity), jnp.int32),
         sampling=sampling,
     )
+    return state if mesh is None else constrain_state(state, config, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
-def decode(params, state: DecodeState, max_rounds, *, config: DecodeConfig) -> DecodeState:
-    """Run rounds until every row is done or `max_rounds` (an array: no recompiles) have run."""
+@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("state",))
+def decode(params, state: DecodeState, max_rounds, *, config: DecodeConfig, mesh=None) -> DecodeState:
+    """Run rounds until every row is done or `max_rounds` (an array: no recompiles) have run.
+
+    mesh: the Mesh the state is laid out on (None: unsharded); the loop carry keeps that layout.
+    """
 
     def cond(carry):
         state, i = carry
@@ -84,6 +91,8 @@ def decode(params, state: DecodeState, max_rounds, *, config: DecodeConfig) -> D
     def body(carry):
         state, i = carry
         state, _ = speculative_step(params, state, config)
+        if mesh is not None:
+            state = constrain_state(state, config, mesh)
         return state, i + 1
 
     state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
@@ -126,11 +135,15 @@ def make_sampling(batch, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=(
 
 
 def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
-          top_k=0, top_p=1.0, seed=0, stop_ids=(), capacity: int | None = None) -> DecodeState:
+          top_k=0, top_p=1.0, seed=0, stop_ids=(), capacity: int | None = None,
+          mesh=None) -> DecodeState:
     """Validate and pad the prompts (lists of token ids), then prefill. Returns the first state.
 
     capacity: cache slots per row; by default the bucket these prompts need. A larger fixed value
     lets states of different prompt batches share one compiled loop (see `batcher.py`).
+    mesh: a Mesh (params already placed with `sharding.shard_params`): the batch is padded to a
+    multiple of dp with copies of the first prompt that have max_new 0 (done from the start;
+    `results` returns them last, as empty rows) and sharded over dp.
     """
     if not prompts:
         raise UserError("no prompts given")
@@ -156,19 +169,33 @@ def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, tempera
         raise UserError(
             f"prompt ({longest} tokens) + max-new-tokens ({max_new_tokens}) exceeds the model's "
             f"context of {limit} tokens")
-    batch = len(prompts)
+    mesh = as_mesh(mesh)
+    real = len(prompts)
+    batch = padded_batch(real, mesh)
+    rows = list(prompts) + [prompts[0]] * (batch - real)
     prompt = np.zeros((batch, padded), np.int32)
-    for i, row in enumerate(prompts):
+    for i, row in enumerate(rows):
         prompt[i, : len(row)] = row
-    sampling = make_sampling(batch, temperature, top_k, top_p, seed, stop_ids)
-    lens = jnp.asarray([len(r) for r in prompts], jnp.int32)
-    return prefill(params, jnp.asarray(prompt), lens, jnp.full((batch,), max_new_tokens, jnp.int32),
-                   sampling, config=config, capacity=capacity)
+    lens = np.asarray([len(r) for r in rows], np.int32)
+    max_new = np.where(np.arange(batch) < real, max_new_tokens, 0).astype(np.int32)
+    sampling = make_sampling(real, temperature, top_k, top_p, seed, stop_ids)
+    if batch > real:  # padding rows repeat row 0's values
+        pad = lambda x: jnp.concatenate([x, jnp.repeat(x[:1], batch - real, axis=0)])  # noqa: E731
+        sampling = sampling.replace(temperature=pad(sampling.temperature), top_k=pad(sampling.top_k),
+                                    top_p=pad(sampling.top_p), key=pad(sampling.key))
+    if mesh is not None:
+        prompt, lens, max_new = place_rows((prompt, lens, max_new), mesh)
+        sampling = sampling.replace(
+            temperature=place_rows(sampling.temperature, mesh), top_k=place_rows(sampling.top_k, mesh),
+            top_p=place_rows(sampling.top_p, mesh), key=place_rows(sampling.key, mesh),
+            stop_ids=place_replicated(sampling.stop_ids, mesh))
+    return prefill(params, jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(max_new), sampling,
+                   config=config, capacity=capacity, mesh=mesh)
 
 
 def results(state: DecodeState) -> list:
-    """Host-side results of every row."""
-    tokens, num_new, rounds, acc, stop = jax.device_get(
+    """Host-side results of every row (with several processes, every process gets all rows)."""
+    tokens, num_new, rounds, acc, stop = to_host(
         (state.tokens, state.num_new, state.rounds, state.accept_lengths, state.sampling.stop_ids))
     out = []
     for b in range(tokens.shape[0]):
@@ -179,13 +206,19 @@ def results(state: DecodeState) -> list:
 
 
 def generate(params, prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
-             top_k=0, top_p=1.0, seed=0, stop_ids=()) -> list:
+             top_k=0, top_p=1.0, seed=0, stop_ids=(), mesh=None) -> list:
     """Generate for a batch of prompts (lists of token ids) in one jitted loop; returns Generations.
 
     params: {"target": ..., "head": ...}. Lossless: greedy output equals the target's own greedy
     decoding; sampled output follows the target's processed distribution exactly.
+    mesh: None, a `jax.sharding.Mesh` or a spec such as "dp=2,tp=4" (see sharding.py): params are
+    placed in their shardings (a no-op when `shard_params` already did) and the batch is split
+    over dp; the results are the same.
     """
+    mesh = as_mesh(mesh)
+    if mesh is not None:
+        params = shard_params(params, config, mesh)
     state = start(params, prompts, config, max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids)
-    state = decode(params, state, jnp.int32(max_new_tokens), config=config)
-    return results(state)
+                  top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids, mesh=mesh)
+    state = decode(params, state, jnp.int32(max_new_tokens), config=config, mesh=mesh)
+    return results(state)[: len(prompts)]

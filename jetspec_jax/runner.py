@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jetspec_jax.decode import decode, results, start
+from jetspec_jax.sharding import as_mesh, place_rows, shard_params, to_host
 from jetspec_jax.step import DecodeConfig
 
 CHUNK_ROUNDS = 8
@@ -52,9 +53,17 @@ def _ids_for_text_prefix(tokenizer, ids, n_chars):
 
 
 class Runner:
-    """Runs batches of prompts through prefill + chunked decoding, compiling once per shape."""
+    """Runs batches of prompts through prefill + chunked decoding, compiling once per shape.
 
-    def __init__(self, params, config: DecodeConfig, tokenizer=None, *, chunk_rounds=CHUNK_ROUNDS):
+    mesh: None, a `jax.sharding.Mesh` or a spec such as "dp=2,tp=4": the params are placed in
+    their shardings once, here, and every batch is padded to a multiple of dp (see sharding.py).
+    """
+
+    def __init__(self, params, config: DecodeConfig, tokenizer=None, *, chunk_rounds=CHUNK_ROUNDS,
+                 mesh=None):
+        self.mesh = as_mesh(mesh)
+        if self.mesh is not None:
+            params = shard_params(params, config, self.mesh)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.chunk_rounds = chunk_rounds
         self._warm = set()
@@ -64,8 +73,8 @@ class Runner:
         key = (len(prompts), max(len(p) for p in prompts), kwargs["max_new_tokens"])
         if key in self._warm:
             return
-        state = start(self.params, prompts, self.config, **kwargs)
-        jax.block_until_ready(decode(self.params, state, jnp.int32(0), config=self.config))
+        state = start(self.params, prompts, self.config, mesh=self.mesh, **kwargs)
+        jax.block_until_ready(decode(self.params, state, jnp.int32(0), config=self.config, mesh=self.mesh))
         self._warm.add(key)
 
     def run(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0,
@@ -78,20 +87,21 @@ class Runner:
                       top_p=top_p, seed=seed, stop_ids=stop_ids)
         self._warm_up(prompts, kwargs)
         t0 = time.perf_counter()
-        state = start(self.params, prompts, self.config, **kwargs)
+        state = start(self.params, prompts, self.config, mesh=self.mesh, **kwargs)
         shown = [""] * len(prompts)
         cut = [None] * len(prompts)  # token counts fixed by a stop string
         while True:
-            state = decode(self.params, state, jnp.int32(self.chunk_rounds), config=self.config)
-            done = jax.device_get(state.done)
+            state = decode(self.params, state, jnp.int32(self.chunk_rounds), config=self.config,
+                           mesh=self.mesh)
+            done = to_host(state.done)
             if self.tokenizer is not None and (stop_strings or on_text):
                 state = self._check_text(state, shown, cut, stop_strings, on_text)
-                done = jax.device_get(state.done)
+                done = to_host(state.done)
             if done.all():
                 break
         seconds = time.perf_counter() - t0
         out = []
-        for b, gen in enumerate(results(state)):
+        for b, gen in enumerate(results(state)[: len(prompts)]):  # rows past them pad the batch
             ids = gen.ids if cut[b] is None else gen.ids[: cut[b]]
             text = None
             if self.tokenizer is not None:
@@ -103,7 +113,7 @@ class Runner:
 
     def _check_text(self, state, shown, cut, stop_strings, on_text):
         """Stream new text; stop rows whose text reached a stop string."""
-        gens = results(state)
+        gens = results(state)[: len(shown)]
         stop_rows = []
         for b, gen in enumerate(gens):
             if cut[b] is not None:
@@ -121,5 +131,5 @@ class Runner:
                 shown[b] = text
         if stop_rows:
             done = state.done.at[jnp.asarray(stop_rows)].set(True)
-            state = state.replace(done=done)
+            state = state.replace(done=place_rows(done, self.mesh))  # keep the decode layout
         return state
