@@ -8,7 +8,7 @@ corpus text it learns something else (DESIGN.md section 3: GSM8K tau 8.62 vs 3.6
 
 Prompts are sorted by length and decoded with continuous batching (`batcher.py`, AR: no draft
 head yet): a row that finishes is refilled with the next prompt, so one long answer does not
-hold a whole batch. Every `shard_size` finished answers become one shard (see `shards.py`). A
+hold a whole batch. Every `shard_size` (64) finished answers become one shard (see `shards.py`). A
 restart skips every prompt whose key is already stored, so an interrupted run resumes where it
 stopped, losing at most the answers not yet written. Sampling, when used, draws from a
 per-prompt seed, so the result does not depend on how prompts were batched.
@@ -47,7 +47,7 @@ def _row_seed(seed: int, key: str) -> int:
 
 
 def regenerate(model, prompts, out_dir, *, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
-               seed: int = 0, manifest: dict | None = None, progress: bool = True, shard_size: int = 256) -> int:
+               seed: int = 0, manifest: dict | None = None, progress: bool = True, shard_size: int = 64) -> int:
     """Answer every prompt not yet stored in `out_dir`; returns how many were answered now.
 
     model: has `.config` (ModelConfig), `.params`, `.eos_ids` (a `LoadedModel`).
