@@ -35,9 +35,20 @@ def _without_stop_ids(state: DecodeState) -> DecodeState:
 @functools.partial(jax.jit, donate_argnames=("state",))
 def replace_rows(state: DecodeState, new: DecodeState, rows: jax.Array) -> DecodeState:
     """Rows `rows` (R,) of `state` become the R rows of `new` (same capacity). Repeated indices
-    must carry identical rows."""
+    must carry identical rows.
+
+    One dynamic_update_slice per row and leaf (R is static and small), which XLA performs in place
+    on the donated state; a scatter (`.at[rows].set`) copied the whole cache on CPU.
+    """
     stop = state.sampling.stop_ids
-    merged = jax.tree.map(lambda a, b: a.at[rows].set(b), _without_stop_ids(state), _without_stop_ids(new))
+
+    def put(a, b):
+        zeros = (jnp.zeros((), jnp.int32),) * (a.ndim - 1)
+        for j in range(b.shape[0]):
+            a = jax.lax.dynamic_update_slice(a, b[j:j + 1], (rows[j], *zeros))
+        return a
+
+    merged = jax.tree.map(put, _without_stop_ids(state), _without_stop_ids(new))
     return merged.replace(sampling=merged.sampling.replace(stop_ids=stop))
 
 
