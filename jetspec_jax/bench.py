@@ -4,13 +4,17 @@ transformers and the `dflash` reference loop timed on the same prompt ids.
 
     python -m jetspec_jax.bench --draft HEAD_DIR --prompt-sets math500,mtbench --num-prompts 10
     python -m jetspec_jax.bench --model DIR --draft HEAD_DIR --prompt-ids-file prompts.jsonl
+    python -m jetspec_jax.bench --draft HEAD_DIR --batch-sizes 1,4,16
 
 Writes results.json, report.md and bench.png to --out (default runs/bench/<timestamp>), prints
-the markdown report on stdout and progress on stderr. Exit status 0; 1 when a speculative output
-differs from greedy AR (the mismatches are printed); 2 on bad input (one `error:` line).
+the markdown report on stdout and progress on stderr. Exit status 0; 1 when a speculative (or
+batched) output differs from greedy AR (the mismatches are printed); 2 on bad input (one `error:`
+line).
 Greedy decoding, batch 1, one prompt at a time: every engine (and the instrumented time split, on
 the first --split-prompts prompts of each set) runs a prompt before the next prompt starts, so
-slow drifts in machine load hit all engines alike.
+slow drifts in machine load hit all engines alike. With --batch-sizes, after a set's prompts our
+configs also run on consecutive groups of B prompts in one fused loop per group (each group with
+every config before the next group), every row checked equal to batch-1 greedy AR.
 """
 
 from __future__ import annotations
@@ -81,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads for the peers (default: torch's own; on a shared, "
                         "loaded machine 1 can be several times faster)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt (best kept)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1],
+                   help="comma-separated batch sizes B; for each B > 1 our configs also decode the "
+                        "prompts of each set in groups of B (the last group padded by repeating its "
+                        "prompts; padding not counted); tok/s compared with batch 1")
     p.add_argument("--split-prompts", type=int, default=2,
                    help="prompts per set for the instrumented time split (0: skip it)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench/<timestamp>)")
@@ -176,8 +184,9 @@ def run(argv=None, prompt_sets=None) -> int:
 
     runner = measure.FusedRunner(params, max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
     sweep = Sweep(params, configs, peers, runner, args, model.eos_ids, say)
+    sizes = [b for b in dict.fromkeys(args.batch_sizes) if b > 1]
     total = sum(len(ps) * (len(configs) + len(peers)) + min(len(ps), args.split_prompts) * len(configs)
-                for ps in sets.values())
+                + sum(-(-len(ps) // b) for b in sizes) * len(configs) for ps in sets.values())
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=None) as bar:
         for name, prompts in sets.items():
             for i, p in enumerate(prompts):
@@ -186,6 +195,9 @@ def run(argv=None, prompt_sets=None) -> int:
                 for label in itertools.chain(sweep.ours(name, p), sweep.others(name, p), split):
                     bar.set_postfix_str(f"{name}#{p.index} {label}")
                     bar.update()
+            for label in itertools.chain.from_iterable(sweep.batched(name, prompts, b) for b in sizes):
+                bar.set_postfix_str(f"{name} {label}")
+                bar.update()
 
     shown = len(notes)
     result = assemble(args, argv, sweep, notes, sets, head_dir, head, started, machine)
@@ -218,6 +230,8 @@ def assemble(args, argv, sweep, notes, sets, head_dir, head, started, machine) -
                 notes.append(f"the instrumented pass of {run_['label']} emitted other ids than the "
                              "fused loop: its restatement of the round has drifted from step.py")
     checked = sum(1 for r in per_set for row in r["prompts"] if row.get("equal_to_ar") is not None)
+    batched = [report.summarize(r) for r in sweep.batched_runs.values()]
+    by_batch = report.vs_batch_1(per_set + pooled, batched + report.pooled(batched))
     return {
         "meta": {
             "date": started.isoformat(timespec="seconds"),
@@ -226,6 +240,7 @@ def assemble(args, argv, sweep, notes, sets, head_dir, head, started, machine) -
             "model": args.model, "draft": head_dir, "max_new_tokens": args.max_new_tokens,
             "num_prompts": args.num_prompts, "budgets": args.budgets, "width": args.width,
             "tree_kind": args.tree_kind, "repeats": args.repeats, "split_prompts": args.split_prompts,
+            "batch_sizes": args.batch_sizes,
             "torch_threads": _torch_threads() if sweep.peers else None,
             "head": None if head is None else {k: getattr(head[0], k) for k in (
                 "block_size", "num_layers", "causal", "target_layer_ids", "mask_token_id")},
@@ -236,10 +251,11 @@ def assemble(args, argv, sweep, notes, sets, head_dir, head, started, machine) -
         "runs": per_set,
         "pooled": pooled,
         "speedup": report.speedups(per_set + pooled),
+        **({"batched": by_batch} if by_batch else {}),
         "equality": {"checked": checked, "mismatches": sweep.mismatches, "ok": not sweep.mismatches},
         "peer_agreement": sweep.agreement,
         "compiles": {"warmup": sweep.runner.warmup_compiles,
-                     "timed": sum(r.get("compiles_timed", 0) for r in per_set),
+                     "timed": sum(r.get("compiles_timed", 0) for r in per_set + batched),
                      "split_timed": sum(s.compiles for s, _ in sweep.splits.values())},
     }
 

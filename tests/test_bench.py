@@ -140,3 +140,28 @@ def test_a_speculative_output_that_differs_from_ar_fails_the_run(target_and_head
     assert "MISMATCH: x prompt 0 chain: first difference at token" in capsys.readouterr().err
     report = json.loads((tmp_path / "o" / "results.json").read_text())
     assert not report["equality"]["ok"] and report["equality"]["mismatches"][0]["config"] == "chain"
+
+
+def test_batch_sizes(target_and_head, tmp_path):
+    """--batch-sizes 1,2 on 3 prompts: groups [0, 1] and [2 + its padding copy], ids equal to AR."""
+    from jetspec_jax.bench import run
+
+    target, head = target_and_head
+    out = tmp_path / "o"
+    code = run(["--model", str(target), "--draft", str(head), "--max-new-tokens", str(MAX_NEW),
+                "--budgets", "1,5", "--width", "2", "--peers", "none", "--split-prompts", "0",
+                "--batch-sizes", "1,2", "--out", str(out)], prompt_sets={"x": PROMPTS})
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["equality"]["mismatches"] == [] and report["compiles"]["timed"] == 0
+    batched = {(r["set"], r["label"]): r for r in report["batched"]}
+    assert set(batched) == {(s, lab) for s in ("x", "all") for lab in ("ar", "chain", "tree N=5")}
+    for (name, label), run_ in batched.items():
+        one = next(r for r in report["runs"] if r["set"] == "x" and r["label"] == label)
+        assert run_["batch_size"] == 2 and run_["equal_to_ar"] is True
+        assert [g["indices"] for g in run_["prompts"]] == [[0, 1], [2]]
+        assert run_["new_tokens"] == one["new_tokens"] and run_["rounds"] == one["rounds"]
+        assert run_["tau"] == one["tau"] and run_["compiles_timed"] == 0
+        assert run_["vs_batch_1"] == round(run_["tokens_per_second"] / one["tokens_per_second"], 3)
+    md = (out / "report.md").read_text()
+    assert "## Batch size" in md and "| chain |" in md.split("## Batch size")[1]

@@ -2,8 +2,8 @@
 
 The headline numbers come from the real fused program: `decode.start` (prefill) and
 `decode.decode` (every round in one `while_loop`), timed separately with `block_until_ready`.
-Compilation is kept out of the timed part by a warm-up per (config, prompt bucket), and checked:
-every timed call runs inside `CompileCounter`, which counts XLA backend compilations.
+Compilation is kept out of the timed part by a warm-up per (config, batch size, prompt bucket),
+and checked: every timed call runs inside `CompileCounter`, which counts XLA backend compilations.
 """
 
 from __future__ import annotations
@@ -47,13 +47,14 @@ def count_compiles():
 
 @dataclasses.dataclass
 class Timed:
-    """One timed generation of one prompt (batch 1)."""
+    """One timed generation of a batch of prompts (batch 1: of one prompt)."""
 
-    ids: list  # new token ids
-    accept_lengths: list  # tokens emitted per round (target forwards after prefill)
+    ids: list  # new token ids of row 0
+    accept_lengths: list  # tokens emitted per round (target forwards after prefill) by row 0
     prefill_s: float
     decode_s: float
     compiles: int  # compilations during the timed part (0 when warm-up did its job)
+    rows: list = dataclasses.field(default_factory=list)  # every row's decode.Generation
 
     @property
     def seconds(self) -> float:
@@ -61,42 +62,46 @@ class Timed:
 
 
 class FusedRunner:
-    """Warm-up once per (config, prompt bucket), then time `start` and `decode` separately."""
+    """Warm-up once per (config, batch size, prompt bucket), then time `start` and `decode` separately."""
 
     def __init__(self, params, *, max_new_tokens: int, stop_ids=()):
         self.params, self.max_new, self.stop_ids = params, max_new_tokens, tuple(stop_ids)
         self._warm = set()
         self.warmup_compiles = 0
 
-    def _start(self, ids, config):
-        return start(self.params, [ids], config, max_new_tokens=self.max_new, stop_ids=self.stop_ids)
+    def _start(self, prompts, config):
+        return start(self.params, prompts, config, max_new_tokens=self.max_new, stop_ids=self.stop_ids)
 
-    def warm_up(self, ids, config: DecodeConfig) -> None:
-        """Compile prefill and the loop for this prompt's shape; runs two rounds to touch them."""
-        key = (config, prompt_bucket(len(ids)))
+    def warm_up(self, prompts, config: DecodeConfig) -> None:
+        """Compile prefill and the loop for this batch's shape; runs two rounds to touch them."""
+        key = (config, len(prompts), prompt_bucket(max(len(ids) for ids in prompts)))
         if key in self._warm:
             return
         with count_compiles() as c:
-            state = self._start(ids, config)
+            state = self._start(prompts, config)
             jax.block_until_ready(decode(self.params, state, jnp.int32(2), config=config))
         self.warmup_compiles += c["n"]
         self._warm.add(key)
 
     def run(self, ids, config: DecodeConfig, repeats: int = 1) -> Timed:
         """Best of `repeats` timed generations (greedy) of one prompt; ids from the last."""
-        self.warm_up(ids, config)
+        return self.run_batch([ids], config, repeats)
+
+    def run_batch(self, prompts, config: DecodeConfig, repeats: int = 1) -> Timed:
+        """Best of `repeats` timed generations (greedy) of a batch of prompts in one fused loop."""
+        self.warm_up(prompts, config)
         best, compiles = None, 0
         for _ in range(max(1, repeats)):
             with count_compiles() as c:
                 t0 = time.perf_counter()
-                state = jax.block_until_ready(self._start(ids, config))
+                state = jax.block_until_ready(self._start(prompts, config))
                 t1 = time.perf_counter()
                 state = jax.block_until_ready(
                     decode(self.params, state, jnp.int32(self.max_new), config=config))
                 t2 = time.perf_counter()
             compiles += c["n"]
-            gen = results(state)[0]
-            timed = Timed(gen.ids, gen.accept_lengths, t1 - t0, t2 - t1, 0)
+            rows = results(state)
+            timed = Timed(rows[0].ids, rows[0].accept_lengths, t1 - t0, t2 - t1, 0, rows)
             if best is None or timed.seconds < best.seconds:
                 best = timed
         best.compiles = compiles

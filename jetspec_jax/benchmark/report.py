@@ -5,6 +5,8 @@ A *run* is one engine configuration on one prompt set: a dict with `set`, `label
 `prompts` (one dict per prompt: new_tokens, rounds, seconds, prefill_s, decode_s, ...).
 `summarize` adds the totals: tau = tokens per target forward (sum of new tokens / sum of rounds),
 tokens/s end to end (prefill included, the measure every engine shares) and, for ours, decode only.
+A *batched* run (--batch-sizes) also has `batch_size`; its rows are groups of that many prompts
+decoded in one fused loop, with new tokens and rounds summed over the group's real rows.
 """
 
 from __future__ import annotations
@@ -35,13 +37,24 @@ def summarize(run: dict) -> dict:
 
 
 def pooled(runs: list) -> list:
-    """One run per label over every prompt set (set = "all")."""
+    """One run per label (and batch size) over every prompt set (set = "all")."""
     by_label: dict = {}
     for run in runs:
-        base = by_label.setdefault(run["label"], {k: v for k, v in run.items() if k in (
-            "label", "engine", "mode", "budget", "width", "depth")} | {"set": ALL, "prompts": []})
+        base = by_label.setdefault((run["label"], run.get("batch_size")), {
+            k: v for k, v in run.items() if k in (
+                "label", "engine", "mode", "budget", "width", "depth", "batch_size")}
+            | {"set": ALL, "prompts": []})
         base["prompts"] = base["prompts"] + run["prompts"]
     return [summarize(r) for r in by_label.values()]
+
+
+def vs_batch_1(runs: list, batched: list) -> list:
+    """Adds to each batched run `vs_batch_1`: its tok/s over the batch-1 run's of its set and label."""
+    base = {(r["set"], r["label"]): r["tokens_per_second"] for r in runs}
+    for run in batched:
+        b1, tps = base.get((run["set"], run["label"])), run["tokens_per_second"]
+        run["vs_batch_1"] = round(tps / b1, 3) if b1 and tps else None
+    return batched
 
 
 def speedups(runs: list) -> dict:
@@ -125,6 +138,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {table['labels'][i]} | " + " | ".join(
                 _fmt(table["ratio"][i][j]) for j in idx) + " |")
         lines.append("")
+    lines += _batch_table(report, ALL if several else next(iter(report["prompts"])))
     eq = report["equality"]
     lines += ["## Equality with greedy AR", "",
               f"{eq['checked']} speculative outputs compared with our greedy AR on the same prompt: "
@@ -136,6 +150,27 @@ def markdown(report: dict) -> str:
     lines += ["", f"Compilations: {c['warmup']} during warm-up, {c['timed']} during timed runs "
               f"(headline), {c['split_timed']} during timed instrumented rounds."]
     return "\n".join(lines) + "\n"
+
+
+def _batch_table(report: dict, name: str) -> list:
+    """Markdown lines: our engines' tok/s per batch size on prompt set `name`, and the ratio to B=1."""
+    batched = [r for r in report.get("batched", ()) if r["set"] == name]
+    if not batched:
+        return []
+    sizes = sorted({r["batch_size"] for r in batched})
+    lines = ["## Batch size (end-to-end tok/s; vs B=1: ratio to batch 1 of the same engine)", "",
+             "| engine | B=1 | " + " | ".join(f"B={b} | vs B=1" for b in sizes) + " |",
+             "|---" * (2 + 2 * len(sizes)) + "|"]
+    for run in report["runs"] + report["pooled"]:
+        if run["set"] != name or run["engine"] != "jetspec":
+            continue
+        at = {r["batch_size"]: r for r in batched if r["label"] == run["label"]}
+        lines.append(f"| {run['label']} | {_fmt(run['tokens_per_second'])} | " + " | ".join(
+            f"{_fmt(at[b]['tokens_per_second'])} | {_fmt(at[b]['vs_batch_1'])}" if b in at else "- | -"
+            for b in sizes) + " |")
+    return lines + ["", "Each group of B consecutive prompts of a set ran in one fused loop; a short "
+                    "last group is padded by repeating its prompts, whose tokens are not counted. "
+                    "Every counted row was compared with batch-1 greedy AR (mismatches below).", ""]
 
 
 def _sweep_x(run: dict) -> int:
