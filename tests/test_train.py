@@ -331,6 +331,15 @@ def test_regeneration_resumes_without_repeats(tmp_path, target, monkeypatch):
         regenerate(target, prompts, tmp_path / "resumed", progress=False, batch_size=3, max_new_tokens=9)
 
 
+def test_a_second_writer_of_a_data_dir_is_refused(tmp_path, target):
+    from jetspec_jax.train.shards import exclusive
+
+    with exclusive(tmp_path / "d", "regenerating data"):
+        with pytest.raises(UserError, match="in use by another process"):
+            regenerate(target, [("p/0", [2, 3])], tmp_path / "d", progress=False, batch_size=1, max_new_tokens=2)
+    assert regenerate(target, [("p/0", [2, 3])], tmp_path / "d", progress=False, batch_size=1, max_new_tokens=2) == 1
+
+
 def _write_yaml(path, raw):
     path.write_text(json.dumps(raw))  # JSON is YAML
     return str(path)

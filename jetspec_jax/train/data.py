@@ -26,7 +26,7 @@ from jetspec_jax.batcher import generate_continuous
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import check_training_sets, load_prompts
 from jetspec_jax.step import DecodeConfig
-from jetspec_jax.train.shards import done_keys, shard_paths, write_manifest, write_shard
+from jetspec_jax.train.shards import done_keys, exclusive, shard_paths, write_manifest, write_shard
 
 
 def chat_prompts(tokenizer, set_names, limit: int | None = None) -> list:
@@ -53,6 +53,14 @@ def regenerate(model, prompts, out_dir, *, batch_size: int, max_new_tokens: int,
     model: has `.config` (ModelConfig), `.params`, `.eos_ids` (a `LoadedModel`).
     prompts: [(key, ids)]. manifest: settings recorded (and checked on restart) beside the data.
     """
+    with exclusive(out_dir, "regenerating data"):
+        return _regenerate(model, prompts, out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, manifest=manifest, progress=progress,
+                           shard_size=shard_size)
+
+
+def _regenerate(model, prompts, out_dir, *, batch_size, max_new_tokens, temperature, seed, manifest, progress,
+                shard_size) -> int:
     write_manifest(out_dir, {**(manifest or {}), "max_new_tokens": max_new_tokens,
                              "temperature": temperature, "seed": seed,
                              "vocab_size": model.config.vocab_size})

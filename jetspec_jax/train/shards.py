@@ -15,7 +15,9 @@ complete; an interrupted run loses at most the batch it was generating.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import tempfile
@@ -53,6 +55,23 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def exclusive(directory, what: str):
+    """Hold an exclusive lock on `directory` (created if missing) for the block: a second
+    process writing the same folder would interleave shard numbers and duplicate answers."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{directory} is in use by another process ({what}); wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_manifest(directory, manifest: dict) -> None:

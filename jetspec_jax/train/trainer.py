@@ -30,7 +30,7 @@ from jetspec_jax.train.batches import make_batch, step_indices, usable
 from jetspec_jax.train.checkpoint import latest_checkpoint, restore_train_checkpoint, save_train_checkpoint
 from jetspec_jax.train.config import HeadSection, TrainConfig
 from jetspec_jax.train.objective import ObjectiveConfig
-from jetspec_jax.train.shards import read_manifest, read_sequences
+from jetspec_jax.train.shards import exclusive, read_manifest, read_sequences
 from jetspec_jax.train.step import StepConfig, init_train_state, train_step
 
 # Train settings that do not change what a run computes (may differ on resume).
@@ -85,7 +85,13 @@ def train(cfg: TrainConfig, *, model=None, on_step=None, progress: bool = True):
     model: the loaded target (`.config`, `.params`), loaded from `cfg.target` if None.
     on_step(step, metrics, indices): called after each step (and its checkpoint) with host
     metrics and the sequence indices the step read (tests use it to interrupt runs).
+    A second process training into the same output_dir is refused (UserError).
     """
+    with exclusive(cfg.train.output_dir, "training"):
+        return _train(cfg, model=model, on_step=on_step, progress=progress)
+
+
+def _train(cfg: TrainConfig, *, model, on_step, progress):
     if model is None:
         from jetspec_jax.loading import load_model
 
