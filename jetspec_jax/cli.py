@@ -136,10 +136,12 @@ def decode_config(args, model, head):
 
 def default_head_path(model_spec):
     """The head shipped for a registered model, if any."""
-    from jetspec_jax.loading.registry import REGISTRY
+    from jetspec_jax.loading.registry import REGISTRY, shipped_head_dir
 
     entry = REGISTRY.get(str(model_spec))
-    return None if entry is None else entry.default_head
+    if entry is None or entry.default_head is None:
+        return None
+    return str(shipped_head_dir(entry.default_head))
 
 
 def load_head(args, model):

@@ -43,7 +43,7 @@ class RegisteredModel:
     sha256: str  # of the assembled file
     parts: tuple[Part, ...]  # concatenated in this order
     description: str
-    default_head: str | None = None  # the draft head `--draft` defaults to (a registered head name)
+    default_head: str | None = None  # the draft head `--draft` defaults to: a folder of jetspec_jax/heads/
 
 
 def _split(package: str, version: str, member: str, count: int) -> tuple[Part, ...]:
@@ -74,6 +74,11 @@ REGISTRY: dict[str, RegisteredModel] = {m.name: m for m in (
         description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (qwen2 arch, 28 layers, d 1536)",
     ),
 )}
+
+
+def shipped_head_dir(name: str) -> Path:
+    """The folder of a draft head shipped as package data (`jetspec_jax/heads/<name>`)."""
+    return Path(__file__).resolve().parent.parent / "heads" / name
 
 
 def cache_dir() -> Path:
