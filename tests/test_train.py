@@ -306,20 +306,21 @@ def test_regeneration_resumes_without_repeats(tmp_path, target, monkeypatch):
     kw = dict(batch_size=3, max_new_tokens=6, shard_size=3)
     regenerate(target, prompts, tmp_path / "straight", progress=False, **kw)
 
-    real, calls = data_module.write_shard, []
+    real, yielded = data_module.generate_continuous, []
 
-    def crash_on_second_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def interrupted_after_four(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            if len(yielded) == 4:
+                raise KeyboardInterrupt
+            yielded.append(item)
+            yield item
 
-    monkeypatch.setattr(data_module, "write_shard", crash_on_second_shard)
+    monkeypatch.setattr(data_module, "generate_continuous", interrupted_after_four)
     with pytest.raises(KeyboardInterrupt):
         regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw)
-    monkeypatch.setattr(data_module, "write_shard", real)
-    assert len(read_sequences(tmp_path / "resumed")) == 3
-    assert regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw) == 4
+    monkeypatch.setattr(data_module, "generate_continuous", real)
+    assert len(read_sequences(tmp_path / "resumed")) == 4  # a full shard of 3 and the 1 pending
+    assert regenerate(target, prompts, tmp_path / "resumed", progress=False, **kw) == 3
     straight, resumed = read_sequences(tmp_path / "straight"), read_sequences(tmp_path / "resumed")
     assert sorted(resumed.keys) == [k for k, _ in prompts]  # every prompt once
     by_key = lambda d: {k: (t.tolist(), int(p)) for k, t, p in zip(d.keys, d.tokens, d.prompt_lens)}  # noqa: E731

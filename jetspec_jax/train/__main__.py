@@ -10,6 +10,7 @@ Bad input prints one `error: ...` line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from jetspec_jax.errors import UserError
@@ -58,6 +59,16 @@ def run(argv=None) -> None:
               f"{cfg.train.output_dir}/head", file=sys.stderr)
 
 
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM stop the run through KeyboardInterrupt, so finished work is saved. A
+    job started in the background by a non-interactive shell inherits SIGINT ignored; undo that."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv=None) -> int:
     try:
         run(argv)
@@ -71,4 +82,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _interruptible()
     sys.exit(main())

@@ -10,7 +10,8 @@ Prompts are sorted by length and decoded with continuous batching (`batcher.py`,
 head yet): a row that finishes is refilled with the next prompt, so one long answer does not
 hold a whole batch. Every `shard_size` (64) finished answers become one shard (see `shards.py`). A
 restart skips every prompt whose key is already stored, so an interrupted run resumes where it
-stopped, losing at most the answers not yet written. Sampling, when used, draws from a
+stopped; an interrupt (Ctrl-C, SIGTERM) still writes the finished answers, losing only the
+rows in flight. Sampling, when used, draws from a
 per-prompt seed, so the result does not depend on how prompts were batched.
 """
 
@@ -86,14 +87,16 @@ def _regenerate(model, prompts, out_dir, *, batch_size, max_new_tokens, temperat
     finished = generate_continuous({"target": model.params}, [ids for _, ids in todo], config,
                                    batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
                                    seeds=[_row_seed(seed, k) for k, _ in todo], stop_ids=model.eos_ids)
-    for index, gen in finished:
-        pending.append((index, gen))
-        new_tokens += len(gen.ids)
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
-        if len(pending) >= shard_size:
+    try:
+        for index, gen in finished:
+            pending.append((index, gen))
+            new_tokens += len(gen.ids)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+            if len(pending) >= shard_size:
+                flush()
+    finally:  # an interrupted run keeps every finished answer; only rows in flight are lost
+        if pending:
             flush()
-    if pending:
-        flush()
-    bar.close()
+        bar.close()
     return len(todo)
