@@ -332,6 +332,17 @@ def test_regeneration_resumes_without_repeats(tmp_path, target, monkeypatch):
         regenerate(target, prompts, tmp_path / "resumed", progress=False, batch_size=3, max_new_tokens=9)
 
 
+def test_regeneration_order_keeps_the_sets_balanced():
+    from jetspec_jax.train.data import _balanced_order
+
+    prompts = [(f"a/{i}", [0] * (10 - i)) for i in range(6)] + [(f"b/{i}", [0] * (i + 1)) for i in range(3)]
+    done = {"a/0", "a/1", "a/2"}  # set a is half stored, b not at all
+    order = [k for k, _ in _balanced_order([p for p in prompts if p[0] not in done], prompts, done)]
+    assert sorted(order) == sorted(k for k, _ in prompts if k not in done)
+    # b (0/3 stored) goes first until it catches up with a (3/6); within a set, shortest first
+    assert order == ["b/0", "b/1", "a/5", "b/2", "a/4", "a/3"]
+
+
 def test_a_second_writer_of_a_data_dir_is_refused(tmp_path, target):
     from jetspec_jax.train.shards import exclusive
 

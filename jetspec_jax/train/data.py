@@ -6,7 +6,7 @@
 Why: a head trained on the target's own outputs learns what the target will say; trained on
 corpus text it learns something else (DESIGN.md section 3: GSM8K tau 8.62 vs 3.65 in the paper).
 
-Prompts are sorted by length and decoded with continuous batching (`batcher.py`, AR: no draft
+Prompts are interleaved across sets (`_balanced_order`) and decoded with continuous batching (`batcher.py`, AR: no draft
 head yet): a row that finishes is refilled with the next prompt, so one long answer does not
 hold a whole batch. Every `shard_size` (64) finished answers become one shard (see `shards.py`). A
 restart skips every prompt whose key is already stored, so an interrupted run resumes where it
@@ -47,6 +47,23 @@ def _row_seed(seed: int, key: str) -> int:
     return (zlib.crc32(key.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
 
 
+def _balanced_order(todo, prompts, done) -> list:
+    """The prompts to answer, so that the stored data stays a balanced mix of the prompt sets
+    however early it is cut: the set furthest behind (by the fraction of its prompts stored)
+    goes first; within a set, shortest first (similar lengths share a prefill)."""
+    set_of = lambda key: key.rsplit("/", 1)[0]  # noqa: E731
+    total, stored = {}, {}
+    for key, _ in prompts:
+        total[set_of(key)] = total.get(set_of(key), 0) + 1
+        stored[set_of(key)] = stored.get(set_of(key), 0) + (key in done)
+    rank, out = {}, []
+    for key, ids in sorted(todo, key=lambda p: (len(p[1]), p[0])):
+        s = set_of(key)
+        rank[s] = rank.get(s, -1) + 1
+        out.append(((stored[s] + rank[s]) / total[s], len(ids), key, ids))
+    return [(key, ids) for _, _, key, ids in sorted(out)]
+
+
 def regenerate(model, prompts, out_dir, *, batch_size: int, max_new_tokens: int, temperature: float = 0.0,
                seed: int = 0, manifest: dict | None = None, progress: bool = True, shard_size: int = 64) -> int:
     """Answer every prompt not yet stored in `out_dir`; returns how many were answered now.
@@ -66,7 +83,7 @@ def _regenerate(model, prompts, out_dir, *, batch_size, max_new_tokens, temperat
                              "temperature": temperature, "seed": seed,
                              "vocab_size": model.config.vocab_size})
     done = done_keys(out_dir)
-    todo = sorted((p for p in prompts if p[0] not in done), key=lambda p: (len(p[1]), p[0]))
+    todo = _balanced_order([p for p in prompts if p[0] not in done], prompts, done)
     if not todo:
         return 0
     config = DecodeConfig(target=model.config, sample=temperature > 0)
