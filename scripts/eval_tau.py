@@ -1,0 +1,164 @@
+"""Mean accepted length (tau) of trained draft heads over a budget sweep, on the evaluation sets.
+
+    python scripts/eval_tau.py --head causal=runs/heads/smollm2-135m-causal/head \
+        --head bidir=runs/heads/smollm2-135m-bidir/head --out docs/tau
+
+For each evaluation set (MATH-500, HumanEval, MT-Bench first turns; the head never trained on
+them) the first --num-prompts questions go through the chat template, then the real jitted
+speculative loop (`decode.generate`, one batch per set) at every budget: 1 = the chain of the
+head's full depth, N > 1 = a best-first tree of N nodes. Greedy. tau = tokens emitted / rounds,
+pooled over the prompts of a set; every output is checked equal to greedy AR of the target alone
+(exit 1 if one differs). Writes tau.json, tau.md and tau.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from jetspec_jax.benchmark.sources import prompt_sets_from_names
+from jetspec_jax.decode import generate
+from jetspec_jax.errors import UserError
+from jetspec_jax.head import check_head_fits
+from jetspec_jax.loading import load_model
+from jetspec_jax.loading.head_io import load_head_dir
+from jetspec_jax.step import DecodeConfig
+from jetspec_jax.tree import TreeConfig
+
+EVAL_SETS = ("math500", "humaneval", "mtbench")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--head", action="append", required=True, metavar="NAME=DIR",
+                   help="a head to evaluate (repeatable), e.g. causal=runs/heads/x/head")
+    p.add_argument("--sets", default=",".join(EVAL_SETS))
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--budgets", default="1,8,16,32,64,128")
+    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--out", default="docs/tau")
+    return p.parse_args(argv)
+
+
+def tree_for(budget: int, depth: int, width: int) -> TreeConfig:
+    return TreeConfig.chain(depth) if budget == 1 else TreeConfig(budget, width, depth)
+
+
+def evaluate(argv=None) -> int:
+    args = parse_args(argv)
+    heads = {}
+    for spec in args.head:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise UserError(f"--head wants NAME=DIR, got {spec!r}")
+        heads[name] = load_head_dir(path)
+    model = load_model(args.model)
+    for cfg, _ in heads.values():
+        check_head_fits(cfg, model.config)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    sets = prompt_sets_from_names(args.sets.split(","), model.tokenizer, args.num_prompts)
+    rows, mismatches = [], []
+    bar = tqdm(total=len(sets) * (1 + len(heads) * len(budgets)), desc="tau", file=sys.stderr)
+    for set_name, prompts in sets.items():
+        ids = [p.ids for p in prompts]
+        ar = generate({"target": model.params}, ids, DecodeConfig(target=model.config),
+                      max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
+        bar.update()
+        for head_name, (cfg, head_params) in heads.items():
+            params = {"target": model.params, "head": head_params}
+            for budget in budgets:
+                config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width))
+                t0 = time.perf_counter()
+                out = generate(params, ids, config, max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
+                seconds = time.perf_counter() - t0
+                for p, g, ref in zip(prompts, out, ar):
+                    if g.ids != ref.ids:
+                        mismatches.append({"set": set_name, "prompt": p.index, "head": head_name, "budget": budget})
+                tokens, rounds = sum(len(g.ids) for g in out), sum(g.rounds for g in out)
+                rows.append({"set": set_name, "head": head_name, "budget": budget,
+                             "nodes": config.budget, "tau": tokens / rounds, "tokens": tokens,
+                             "rounds": rounds, "seconds_incl_compile": round(seconds, 2),
+                             "per_prompt_tau": [round(len(g.ids) / g.rounds, 3) for g in out]})
+                bar.set_postfix_str(f"{set_name} {head_name} N={budget} tau={tokens / rounds:.2f}")
+                bar.update()
+    bar.close()
+    report = {
+        "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "command": "python scripts/eval_tau.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                 "model": args.model, "heads": dict(s.partition("=")[::2] for s in args.head),
+                 "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
+                 "width": args.width, "greedy": True},
+        "rows": rows, "mismatches": mismatches,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tau.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "tau.md").write_text(markdown(report, budgets, list(heads), list(sets)))
+    plot(report, budgets, list(heads), list(sets), out / "tau.png")
+    sys.stdout.write(markdown(report, budgets, list(heads), list(sets)))
+    if mismatches:
+        print(f"FAILED: {len(mismatches)} speculative outputs differ from greedy AR", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tau(report, set_name, head, budget):
+    return next(r["tau"] for r in report["rows"] if (r["set"], r["head"], r["budget"]) == (set_name, head, budget))
+
+
+def markdown(report, budgets, heads, sets) -> str:
+    m = report["meta"]
+    lines = [f"tau (tokens per round, greedy) of {', '.join(heads)} on {m['model']}: first "
+             f"{m['num_prompts']} prompts per set, {m['max_new_tokens']} new tokens, width {m['width']}; "
+             f"budget 1 = chain. {m['date']}, `{m['command']}`.", "",
+             "| set | head | " + " | ".join(f"N={b}" if b > 1 else "chain" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    for s in sets:
+        for h in heads:
+            lines.append(f"| {s} | {h} | " + " | ".join(f"{_tau(report, s, h, b):.2f}" for b in budgets) + " |")
+    ok = "all equal to greedy AR" if not report["mismatches"] else f"{len(report['mismatches'])} MISMATCHES"
+    lines += ["", f"Outputs: {ok}.", ""]
+    return "\n".join(lines)
+
+
+def plot(report, budgets, heads, sets, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.4), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for h in heads:
+            ax.plot(range(len(budgets)), [_tau(report, s, h, b) for b in budgets], marker="o", label=h)
+        ax.set_xticks(range(len(budgets)), ["chain" if b == 1 else str(b) for b in budgets])
+        ax.set_title(s)
+        ax.set_xlabel("budget (nodes)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("tau (tokens / round)")
+    axes[0][-1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    try:
+        return evaluate(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
