@@ -139,6 +139,23 @@ def test_chunked_vocab_loss_equals_full_projection(target, loss):
     np.testing.assert_array_equal(correct, jnp.argmax(log_q, -1) == labels)
 
 
+def test_loss_decay_weighs_depths_exponentially(target):
+    from jetspec_jax.train.objective import anchor_loss
+
+    head_params = init_head_params(_head(), jax.random.PRNGKey(4))
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 24), 0, VOCAB - 1)
+    args = (head_params, target.params, tokens, jnp.array([24, 17]), jnp.array([5, 3]), jax.random.PRNGKey(6))
+    fn = jax.jit(anchor_loss, static_argnums=6)
+    flat, m = fn(*args, ObjectiveConfig(target=TARGET, head=_head(), anchors_per_seq=6))
+    decayed, m2 = fn(*args, ObjectiveConfig(target=TARGET, head=_head(), anchors_per_seq=6, loss_decay_gamma=2.0))
+    np.testing.assert_allclose(m2["depth_loss"], m["depth_loss"], rtol=1e-6)  # same anchors, same rows
+    n, per = np.asarray(m["depth_rows"]), np.asarray(m["depth_loss"])
+    assert n[0] > n[-1] > 0  # late depths fall off the end of some sequences
+    w = np.exp(-np.arange(len(n)) / 2.0)
+    np.testing.assert_allclose(flat, (n * per).sum() / n.sum(), rtol=1e-5)
+    np.testing.assert_allclose(decayed, (w * n * per).sum() / (w * n).sum(), rtol=1e-5)
+
+
 def test_target_features_match_the_full_forward(target):
     """The forward stops at the deepest tap (and, for KL, the last layer): same taps, and the
     final hidden state gives the target's own logits."""

@@ -63,6 +63,7 @@ class TrainSection:
     max_length: int = 1024  # longer sequences are cut (prompt + start of the response kept)
     anchors_per_seq: int = 64
     loss: str = "ce"  # "ce": hard labels x_{a+k}; "kl": forward KL to the target at T = 1
+    loss_decay_gamma: float | None = None  # depth k weighs exp(-(k-1)/gamma) (DFlash: 7 for blocks of 16); None: equal
     lr: float = 3e-4
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -150,6 +151,8 @@ def _validate(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "anchors_per_seq", "checkpoint_every", "keep_checkpoints", "vocab_chunk"):
         if getattr(t, name) < 1:
             raise UserError(f"{where}: train.{name} must be >= 1")
+    if t.loss_decay_gamma is not None and not t.loss_decay_gamma > 0:
+        raise UserError(f"{where}: train.loss_decay_gamma must be > 0 (or unset)")
     if t.max_length < cfg.head.block_size + 2:
         raise UserError(f"{where}: train.max_length must exceed head.block_size + 1")
     if not t.lr > 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:

@@ -10,7 +10,9 @@ For a sequence x_0..x_{n-1} (prompt of length p, then the target's own response)
 3. The head drafts every block `[x_a, MASK x (Bs-1)]` over the context `< a` (`AnchorHead`).
 4. Block row k (1..Bs-1) predicts x_{a+k} (hard-label CE) or matches the target's distribution at
    position a+k-1 (forward KL at T = 1). Row 0 (the anchor) has no loss; rows past the sequence
-   end are masked; every depth weighs the same (mean over valid rows).
+   end are masked; the loss is the weighted mean over valid rows, depth k weighing
+   exp(-(k-1)/gamma) with `loss_decay_gamma` (early depths decide the accepted length), or every
+   depth the same when it is None.
 
 The vocabulary projection runs in row chunks under `jax.checkpoint`, so at most
 `chunk x vocab` logits exist at once, in the forward and in the backward pass.
@@ -39,6 +41,7 @@ class ObjectiveConfig:
     anchors_per_seq: int = 64
     loss: str = "ce"  # "ce" | "kl"
     vocab_chunk: int = 512
+    loss_decay_gamma: float | None = None
 
 
 def target_features(cfg: ObjectiveConfig, target_params, tokens):
@@ -122,7 +125,8 @@ def anchor_loss(head_params, target_params, tokens, lengths, prompt_lens, key, c
     """Mean loss over valid (anchor, depth) rows, and metrics.
 
     tokens (B, L) int32 right-padded; lengths, prompt_lens (B,) int32.
-    Returns (loss, {"loss", "acc" (Bs-1,) per-depth top-1 accuracy, "rows" valid row count}).
+    Returns (loss, {"loss", "acc" (Bs-1,) per-depth top-1 accuracy, "depth_loss" (Bs-1,) per-depth
+    mean loss, "depth_rows" (Bs-1,) valid rows per depth, "rows" valid row count}).
     """
     b, length = tokens.shape
     bs = cfg.head.block_size
@@ -148,10 +152,15 @@ def anchor_loss(head_params, target_params, tokens, lengths, prompt_lens, key, c
     rows = hidden[:, :, 1:].reshape(-1, hidden.shape[-1])  # (B*A*(Bs-1), d)
     loss, correct = projected_loss(cfg, target_params, rows, labels.reshape(-1), teacher)
 
-    w = valid.reshape(-1).astype(jnp.float32)
-    count = jnp.sum(w)
-    mean = jnp.sum(loss * w) / jnp.maximum(count, 1.0)
+    depth_w = jnp.ones((bs - 1,), jnp.float32)
+    if cfg.loss_decay_gamma is not None:
+        depth_w = jnp.exp(-jnp.arange(bs - 1, dtype=jnp.float32) / cfg.loss_decay_gamma)
     per_depth = valid.reshape(-1, bs - 1).astype(jnp.float32)  # (B*A, Bs-1)
+    w = (per_depth * depth_w).reshape(-1)
+    mean = jnp.sum(loss * w) / jnp.maximum(jnp.sum(w), 1e-6)
+    depth_rows = jnp.sum(per_depth, axis=0)
     hits = correct.reshape(-1, bs - 1) * per_depth
-    acc = jnp.sum(hits, axis=0) / jnp.maximum(jnp.sum(per_depth, axis=0), 1.0)
-    return mean, {"loss": mean, "acc": acc, "rows": count}
+    acc = jnp.sum(hits, axis=0) / jnp.maximum(depth_rows, 1.0)
+    depth_loss = jnp.sum(loss.reshape(-1, bs - 1) * per_depth, axis=0) / jnp.maximum(depth_rows, 1.0)
+    return mean, {"loss": mean, "acc": acc, "depth_loss": depth_loss, "depth_rows": depth_rows,
+                  "rows": jnp.sum(per_depth)}

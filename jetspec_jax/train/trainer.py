@@ -61,7 +61,7 @@ def head_config(section: HeadSection, target: ModelConfig) -> HeadConfig:
 def step_config(cfg: TrainConfig, head: HeadConfig, target: ModelConfig) -> StepConfig:
     t = cfg.train
     objective = ObjectiveConfig(target=target, head=head, anchors_per_seq=t.anchors_per_seq,
-                                loss=t.loss, vocab_chunk=t.vocab_chunk)
+                                loss=t.loss, vocab_chunk=t.vocab_chunk, loss_decay_gamma=t.loss_decay_gamma)
     return StepConfig(objective=objective, steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
                       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                       seed=t.seed)
