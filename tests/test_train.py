@@ -415,3 +415,5 @@ def test_cli_trains_and_exports_a_head(tmp_path, capsys, make_tiny_hf):
     assert main(["--config", _write_yaml(tmp_path / "c.yaml", raw), "--stage", "train", "--no-progress"]) == 0
     head_cfg, _ = load_head_dir(tmp_path / "out" / "head")
     assert (head_cfg.num_target_layers, head_cfg.vocab_size, head_cfg.target_layer_ids) == (2, 160, (1,))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and len(rows[0]["acc"]) == len(rows[0]["depth_loss"]) == 3

@@ -5,6 +5,7 @@
 Layout of `train.output_dir`:
     checkpoints/step_XXXXXXXX/   resumable train state (see checkpoint.py), newest `keep` kept
     head/                        the head in HF format (`save_head_dir`), refreshed at checkpoints
+    metrics.jsonl                one line per step: loss, per-depth accuracy and loss, lr, grad norm
 
 A run resumes from the newest complete checkpoint when its config matches (head and train
 settings, and the number of stored sequences); otherwise it refuses (UserError) rather than
@@ -14,6 +15,7 @@ silently continue a different run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,6 +74,19 @@ def _run_identity(cfg: TrainConfig, num_sequences: int) -> dict:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _BOOKKEEPING}
     return {"target": cfg.target, "head": dataclasses.asdict(cfg.head), "train": train,
             "num_sequences": num_sequences}
+
+
+METRICS = "metrics.jsonl"
+
+
+def _log_metrics(path: Path, step: int, metrics: dict, seconds: float, tokens: int) -> None:
+    """Append one JSON line per step (a resumed run may repeat the steps after its checkpoint:
+    the last line of a step wins)."""
+    row = {"step": step, "loss": float(metrics["loss"]), "acc": np.round(metrics["acc"], 4).tolist(),
+           "depth_loss": np.round(metrics["depth_loss"], 4).tolist(), "lr": float(metrics["lr"]),
+           "grad_norm": float(metrics["grad_norm"]), "seconds": round(seconds, 2), "tokens": tokens}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _jsonable(x):
@@ -133,6 +148,7 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
         if not np.isfinite(metrics["loss"]):
             raise RuntimeError(f"loss became {metrics['loss']} at step {step}")
         tokens_seen += int(batch.lengths.sum())
+        _log_metrics(out / METRICS, step, metrics, time.perf_counter() - t0, tokens_seen)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc'][0]:.3f}",
                         tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
