@@ -417,3 +417,13 @@ def test_cli_trains_and_exports_a_head(tmp_path, capsys, make_tiny_hf):
     assert (head_cfg.num_target_layers, head_cfg.vocab_size, head_cfg.target_layer_ids) == (2, 160, (1,))
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and len(rows[0]["acc"]) == len(rows[0]["depth_loss"]) == 3
+
+    # A second run continues from the exported head: its first step starts at that head's loss.
+    raw["train"] |= {"output_dir": str(tmp_path / "more"), "init_from": str(tmp_path / "out" / "head")}
+    assert main(["--config", _write_yaml(tmp_path / "c2.yaml", raw), "--stage", "train", "--no-progress"]) == 0
+    more = [json.loads(line) for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
+    assert more[0]["loss"] != rows[0]["loss"]  # not a fresh random init
+    raw["head"]["block_size"] = 5
+    raw["train"]["output_dir"] = str(tmp_path / "bad")
+    assert main(["--config", _write_yaml(tmp_path / "c3.yaml", raw), "--stage", "train", "--no-progress"]) == 2
+    assert "differs from this config in block_size" in capsys.readouterr().err

@@ -63,6 +63,7 @@ class TrainSection:
     max_length: int = 1024  # longer sequences are cut (prompt + start of the response kept)
     anchors_per_seq: int = 64
     loss: str = "ce"  # "ce": hard labels x_{a+k}; "kl": forward KL to the target at T = 1
+    init_from: str | None = None  # a head directory to start from (e.g. a shipped head); None: random init
     loss_decay_gamma: float | None = None  # depth k weighs exp(-(k-1)/gamma) (DFlash: 7 for blocks of 16); None: equal
     lr: float = 3e-4
     warmup_steps: int = 100

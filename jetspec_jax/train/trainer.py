@@ -27,7 +27,7 @@ from tqdm import tqdm
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import HeadConfig, check_head_fits, init_head_params
-from jetspec_jax.loading.head_io import save_head_dir
+from jetspec_jax.loading.head_io import load_head_dir, save_head_dir
 from jetspec_jax.train.batches import make_batch, step_indices, usable
 from jetspec_jax.train.checkpoint import latest_checkpoint, restore_train_checkpoint, save_train_checkpoint
 from jetspec_jax.train.config import HeadSection, TrainConfig
@@ -74,6 +74,18 @@ def _run_identity(cfg: TrainConfig, num_sequences: int) -> dict:
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _BOOKKEEPING}
     return {"target": cfg.target, "head": dataclasses.asdict(cfg.head), "train": train,
             "num_sequences": num_sequences}
+
+
+def _initial_params(t, head_cfg: HeadConfig) -> dict:
+    """Random init, or the params of `train.init_from` (a head of exactly this shape), so that a
+    later run continues training a shipped head with a fresh optimizer and schedule."""
+    if t.init_from is None:
+        return init_head_params(head_cfg, jax.random.PRNGKey(t.seed))
+    cfg, params = load_head_dir(t.init_from, dtype=head_cfg.dtype)
+    if cfg != head_cfg:
+        diff = sorted(f.name for f in dataclasses.fields(HeadConfig) if getattr(cfg, f.name) != getattr(head_cfg, f.name))
+        raise UserError(f"train.init_from {t.init_from}: that head differs from this config in {', '.join(diff)}")
+    return params
 
 
 METRICS = "metrics.jsonl"
@@ -127,7 +139,7 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
 
     out = Path(t.output_dir)
     ckpt_root = out / "checkpoints"
-    state = init_train_state(spec, init_head_params(head_cfg, jax.random.PRNGKey(t.seed)))
+    state = init_train_state(spec, _initial_params(t, head_cfg))
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         state, meta = restore_train_checkpoint(latest, like=state)
