@@ -268,20 +268,17 @@ def test_two_processes_equal_one(tmp_path):
 
 SMOLLM2_TP3 = textwrap.dedent("""
     import json
-    import jax
+    from jetspec_jax.cli import default_head_path
     from jetspec_jax.decode import generate
-    from jetspec_jax.head import HeadConfig, init_head_params
     from jetspec_jax.loading import load_model
+    from jetspec_jax.loading.head_io import load_head_dir
     from jetspec_jax.step import DecodeConfig
     from jetspec_jax.tree import TreeConfig
 
     model = load_model("smollm2-135m")
-    c = model.config
-    head = HeadConfig(hidden_size=c.hidden_size, num_layers=1, num_heads=9, num_kv_heads=3, head_dim=64,
-                      intermediate_size=1536, vocab_size=c.vocab_size, num_target_layers=c.num_layers,
-                      mask_token_id=0, block_size=5)
-    params = {"target": model.params, "head": init_head_params(head, jax.random.PRNGKey(0))}
-    config = DecodeConfig(target=c, head=head, tree=TreeConfig(budget=6, width=2, depth=4))
+    head, head_params = load_head_dir(default_head_path("smollm2-135m"))  # the shipped head
+    params = {"target": model.params, "head": head_params}
+    config = DecodeConfig(target=model.config, head=head, tree=TreeConfig(budget=16, width=4, depth=15))
     prompts = [model.tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}]),
                [1, 2, 3, 4, 5]]
     run = lambda mesh: [g.ids for g in generate(params, prompts, config, max_new_tokens=24, mesh=mesh)]
@@ -292,6 +289,6 @@ SMOLLM2_TP3 = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_tp3_equals_single_device(smollm2_gguf, tmp_path):
-    """SmolLM2-135M (9 query / 3 KV heads) split over tp=3, with a random draft head."""
+    """SmolLM2-135M (9 query / 3 KV heads) split over tp=3, with its shipped draft head."""
     out = _run_script(tmp_path, "smollm2_tp3.py", SMOLLM2_TP3, 3, timeout=900)
     assert out["tp=3"] == out["reference"]
