@@ -21,15 +21,9 @@ import numpy as np
 
 from jetspec_jax.decode import cache_capacity, decode, prompt_bucket, results, start
 from jetspec_jax.errors import UserError
-from jetspec_jax.step import DecodeConfig, DecodeState
+from jetspec_jax.step import DecodeConfig, DecodeState, map_rows
 
 CHUNK_ROUNDS = 16  # rounds between host checks for finished rows
-
-
-def _without_stop_ids(state: DecodeState) -> DecodeState:
-    """The state with its one non-batch leaf (the shared stop ids) replaced by a batch-shaped one."""
-    b = state.root.shape[0]
-    return state.replace(sampling=state.sampling.replace(stop_ids=jnp.zeros((b,), jnp.int32)))
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -40,16 +34,13 @@ def replace_rows(state: DecodeState, new: DecodeState, rows: jax.Array) -> Decod
     One dynamic_update_slice per row and leaf (R is static and small), which XLA performs in place
     on the donated state; a scatter (`.at[rows].set`) copied the whole cache on CPU.
     """
-    stop = state.sampling.stop_ids
-
     def put(a, b):
         zeros = (jnp.zeros((), jnp.int32),) * (a.ndim - 1)
         for j in range(b.shape[0]):
             a = jax.lax.dynamic_update_slice(a, b[j:j + 1], (rows[j], *zeros))
         return a
 
-    merged = jax.tree.map(put, _without_stop_ids(state), _without_stop_ids(new))
-    return merged.replace(sampling=merged.sampling.replace(stop_ids=stop))
+    return map_rows(put, state, new)
 
 
 def generate_continuous(params, prompts, config: DecodeConfig, *, batch_size: int, max_new_tokens: int,

@@ -225,24 +225,22 @@ def run(argv=None) -> int:
     return 0
 
 
-def _setting(value, env: str, name: str):
-    """An option's value, else its environment variable's (as an int where the option is one)."""
+def _setting(value, env: str, convert=int):
+    """An option's value, else its environment variable's, converted (int unless told otherwise)."""
     if value is not None or env not in os.environ:
         return value
     raw = os.environ[env]
-    if name == "--coordinator":
-        return raw
     try:
-        return int(raw)
+        return convert(raw)
     except ValueError:
         raise UserError(f"{env}={raw!r} is not a whole number") from None
 
 
 def init_distributed(args) -> int:
     """Join a multi-process run (jax.distributed) before any device is used -> process count."""
-    coordinator = _setting(args.coordinator, "JETSPEC_COORDINATOR", "--coordinator")
-    num = _setting(args.num_processes, "JETSPEC_NUM_PROCESSES", "--num-processes")
-    pid = _setting(args.process_id, "JETSPEC_PROCESS_ID", "--process-id")
+    coordinator = _setting(args.coordinator, "JETSPEC_COORDINATOR", str)
+    num = _setting(args.num_processes, "JETSPEC_NUM_PROCESSES")
+    pid = _setting(args.process_id, "JETSPEC_PROCESS_ID")
     if coordinator is None and num is None and pid is None:
         return 1
     if coordinator is None or num is None or pid is None:

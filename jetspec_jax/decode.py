@@ -21,7 +21,7 @@ from jetspec_jax.head import DraftHead, init_head_cache
 from jetspec_jax.model import Transformer, init_cache
 from jetspec_jax.sharding import (as_mesh, constrain_state, padded_batch, place_replicated, place_rows,
                                 shard_params, to_host)
-from jetspec_jax.step import DecodeConfig, DecodeState, SamplingParams, speculative_step
+from jetspec_jax.step import DecodeConfig, DecodeState, SamplingParams, map_rows, speculative_step
 
 MIN_PROMPT_BUCKET = 16
 CAPACITY_STEP = 256
@@ -180,15 +180,11 @@ def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, tempera
     max_new = np.where(np.arange(batch) < real, max_new_tokens, 0).astype(np.int32)
     sampling = make_sampling(real, temperature, top_k, top_p, seed, stop_ids)
     if batch > real:  # padding rows repeat row 0's values
-        pad = lambda x: jnp.concatenate([x, jnp.repeat(x[:1], batch - real, axis=0)])  # noqa: E731
-        sampling = sampling.replace(temperature=pad(sampling.temperature), top_k=pad(sampling.top_k),
-                                    top_p=pad(sampling.top_p), key=pad(sampling.key))
+        sampling = map_rows(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], batch - real, axis=0)]), sampling)
     if mesh is not None:
         prompt, lens, max_new = place_rows((prompt, lens, max_new), mesh)
-        sampling = sampling.replace(
-            temperature=place_rows(sampling.temperature, mesh), top_k=place_rows(sampling.top_k, mesh),
-            top_p=place_rows(sampling.top_p, mesh), key=place_rows(sampling.key, mesh),
-            stop_ids=place_replicated(sampling.stop_ids, mesh))
+        sampling = map_rows(lambda x: place_rows(x, mesh), sampling)
+        sampling = sampling.replace(stop_ids=place_replicated(sampling.stop_ids, mesh))
     return prefill(params, jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(max_new), sampling,
                    config=config, capacity=capacity, mesh=mesh)
 

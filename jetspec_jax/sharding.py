@@ -209,7 +209,7 @@ def state_shardings(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> Dec
     batch = state.root.shape[0]
     dp = _axis(mesh, "dp")
     if batch % dp:
-        raise ValueError(f"batch {batch} is not a multiple of dp={dp}; pad it (see pad_rows)")
+        raise ValueError(f"batch {batch} is not a multiple of dp={dp}; pad it (see padded_batch)")
     rows = NamedSharding(mesh, P("dp"))
     head_cache = None
     if state.head_cache is not None:
@@ -221,11 +221,6 @@ def state_shardings(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> Dec
         sampling=SamplingParams(temperature=rows, top_k=rows, top_p=rows, key=rows,
                                 stop_ids=NamedSharding(mesh, P())),
     )
-
-
-def shard_state(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> DecodeState:
-    """Place a state in its shardings (outside jit; a no-op for arrays already there)."""
-    return jax.tree.map(place, state, state_shardings(state, config, mesh))
 
 
 def constrain_state(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> DecodeState:

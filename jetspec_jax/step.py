@@ -82,6 +82,21 @@ class DecodeState:
     sampling: SamplingParams
 
 
+def map_rows(fn, tree, *others):
+    """`jax.tree.map(fn, tree, *others)` over the per-row leaves (leading batch axis) of
+    SamplingParams or DecodeState trees; the one shared leaf, the stop ids, is kept from `tree`."""
+    def split(t):
+        sampling = t if isinstance(t, SamplingParams) else t.sampling
+        rows = sampling.replace(stop_ids=None)
+        return rows if isinstance(t, SamplingParams) else t.replace(sampling=rows)
+
+    out = jax.tree.map(fn, split(tree), *map(split, others))
+    stop = tree.sampling.stop_ids if isinstance(tree, DecodeState) else tree.stop_ids
+    if isinstance(out, SamplingParams):
+        return out.replace(stop_ids=stop)
+    return out.replace(sampling=out.sampling.replace(stop_ids=stop))
+
+
 @struct.dataclass
 class RoundOutput:
     emitted: jax.Array  # (B, D+1) int32: tokens this round, [0, num_emitted) valid

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from jetspec_jax.benchmark.measure import machine
 from jetspec_jax.benchmark.sources import prompt_sets_from_names
 from jetspec_jax.decode import generate
 from jetspec_jax.errors import UserError
@@ -95,7 +95,7 @@ def evaluate(argv=None) -> int:
     report = {
         "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "command": "python scripts/eval_tau.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                 "machine": machine(),
                  "model": args.model, "heads": dict(s.partition("=")[::2] for s in args.head),
                  "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
                  "width": args.width, "greedy": True},

@@ -6,13 +6,13 @@
 Why: a head trained on the target's own outputs learns what the target will say; trained on
 corpus text it learns something else (DESIGN.md section 3: GSM8K tau 8.62 vs 3.65 in the paper).
 
-Prompts are interleaved across sets (`_balanced_order`) and decoded with continuous batching (`batcher.py`, AR: no draft
-head yet): a row that finishes is refilled with the next prompt, so one long answer does not
-hold a whole batch. Every `shard_size` (64) finished answers become one shard (see `shards.py`). A
-restart skips every prompt whose key is already stored, so an interrupted run resumes where it
-stopped; an interrupt (Ctrl-C, SIGTERM) still writes the finished answers, losing only the
-rows in flight. Sampling, when used, draws from a
-per-prompt seed, so the result does not depend on how prompts were batched.
+Prompts are interleaved across sets (`_balanced_order`) and decoded with continuous batching
+(`batcher.py`; AR: no draft head yet): a row that finishes is refilled with the next prompt, so one
+long answer does not hold a whole batch. Every `shard_size` (64) finished answers become one shard
+(see `shards.py`). A restart skips every prompt whose key is already stored, so an interrupted run
+resumes where it stopped; an interrupt (Ctrl-C, SIGTERM) still writes the finished answers, losing
+only the rows in flight. Sampling, when used, draws from a per-prompt seed, so the result does not
+depend on how prompts were batched.
 """
 
 from __future__ import annotations
