@@ -49,8 +49,16 @@ class DecodeConfig:
 
     @property
     def depth(self) -> int:
-        """D: the most draft tokens a round can accept."""
-        return 0 if self.tree is None else self.tree.depth
+        """D: the most draft tokens a round can accept. A tree of N nodes reaches no deeper than
+        N - 1, so the head's depths past that are never drafted."""
+        return 0 if self.tree is None else min(self.tree.depth, self.tree.budget - 1)
+
+    @property
+    def block_rows(self) -> int:
+        """Rows of the head's block that a round runs: [root, MASK x D]. A causal block's rows
+        see only earlier rows, so the rows past D change nothing and are skipped; a bidirectional
+        block needs all of them."""
+        return self.depth + 1 if self.head.causal else self.head.block_size
 
     @property
     def taps(self) -> tuple:
@@ -116,13 +124,14 @@ def root_only_tree(root: jax.Array) -> Tree:
 
 def draft_logits(params, root, head_cache: KVCache, config: DecodeConfig):
     """The head's per-depth logits for the block [root, MASK x (Bs-1)] at positions
-    head_cache.lengths + (0..Bs-1): root (B,) -> logits (B, D, V), head cache.
+    head_cache.lengths + (0..Bs-1): root (B,) -> logits (B, D, V), head cache. Bs is
+    `config.block_rows`.
 
     The block's rows sit in the head cache past `lengths` as scratch; carrying the cache forward
     lets XLA update it in place.
     """
     head_cfg, target = config.head, Transformer(config.target)
-    b, bs = root.shape[0], head_cfg.block_size
+    b, bs = root.shape[0], config.block_rows
     block = jnp.full((b, bs), head_cfg.mask_token_id, jnp.int32).at[:, 0].set(root)
     positions = head_cache.lengths[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
     embeddings = target.apply({"params": params["target"]}, block, method=Transformer.embed)

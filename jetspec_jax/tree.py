@@ -117,8 +117,9 @@ class Tree:
 def build_tree(root: jax.Array, draft_logits: jax.Array, cfg: TreeConfig) -> Tree:
     """root (B,) int32, draft_logits (B, D, V) -> Tree with N = cfg.budget nodes per row."""
     B, D, V = draft_logits.shape
-    if D != cfg.depth:
-        raise ValueError(f"draft_logits have {D} depths, tree config expects {cfg.depth}")
+    reach = min(cfg.depth, cfg.budget - 1)  # no node of N lies deeper than N - 1
+    if not reach <= D <= cfg.depth:
+        raise ValueError(f"draft_logits have {D} depths, tree config expects {reach} to {cfg.depth}")
     if cfg.width > V:
         raise ValueError(f"tree width {cfg.width} exceeds vocabulary size {V}")
     if cfg.budget == 1 or cfg.kind == "chain":

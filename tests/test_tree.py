@@ -324,5 +324,20 @@ def test_config_validation(kwargs, message):
 
 
 def test_shape_mismatch_is_rejected():
-    with pytest.raises(ValueError, match="draft_logits have 3 depths"):
-        build_tree(jnp.zeros(1, jnp.int32), jnp.zeros((1, 3, 10)), TreeConfig(4, 2, 4))
+    # budget 4 reaches depth 3 at most: 3 or 4 depths of logits are accepted, 2 or 5 are not.
+    for depths in (2, 5):
+        with pytest.raises(ValueError, match=f"draft_logits have {depths} depths"):
+            build_tree(jnp.zeros(1, jnp.int32), jnp.zeros((1, depths, 10)), TreeConfig(4, 2, 4))
+
+
+@pytest.mark.parametrize("kind", ["best_first", "top2gap", "chain"])
+def test_logits_past_the_budget_reach_change_nothing(kind):
+    """A tree of N nodes lies within depth N - 1, so the decoder drafts only those depths: the
+    tree from the first N - 1 depths must equal the tree from all of them."""
+    width = 1 if kind == "chain" else 3
+    cfg = TreeConfig(5, width, 9, kind=kind)
+    logits = jax.random.normal(jax.random.key(3), (2, 9, 40)) * 3
+    root = jnp.array([7, 11], jnp.int32)
+    full, cut = build_tree(root, logits, cfg), build_tree(root, logits[:, :4], cfg)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(cut)):
+        np.testing.assert_array_equal(a, b)
