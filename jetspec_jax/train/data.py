@@ -17,14 +17,12 @@ depend on how prompts were batched.
 
 from __future__ import annotations
 
-import sys
 import time
 import zlib
 
-from tqdm import tqdm
-
 from jetspec_jax.batcher import generate_continuous
 from jetspec_jax.errors import UserError
+from jetspec_jax.progress import progress_bar
 from jetspec_jax.prompts import check_training_sets, load_prompts
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.train.shards import done_keys, exclusive, shard_paths, write_manifest, write_shard
@@ -88,9 +86,8 @@ def _regenerate(model, prompts, out_dir, *, batch_size, max_new_tokens, temperat
         return 0
     config = DecodeConfig(target=model.config, sample=temperature > 0)
     next_shard = max((int(p.stem.split("-")[1]) + 1 for p in shard_paths(out_dir)), default=0)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="regenerating", unit="seq",
-               file=sys.stderr, disable=not progress,
-               mininterval=1 if sys.stderr.isatty() else 30)  # logs to a file: a line every 30 s
+    bar = progress_bar(total=len(prompts), initial=len(prompts) - len(todo), desc="regenerating", unit="seq",
+                       enabled=progress)
     new_tokens, start, pending = 0, time.perf_counter(), []
 
     def flush():

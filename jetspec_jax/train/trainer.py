@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
-
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
+from jetspec_jax.progress import progress_bar
 from jetspec_jax.head import HeadConfig, check_head_fits, init_head_params
 from jetspec_jax.loading.head_io import load_head_dir, save_head_dir
 from jetspec_jax.train.batches import make_batch, step_indices, usable
@@ -147,9 +145,7 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
             raise UserError(f"{latest} was trained with another config; use a new train.output_dir")
 
     start = int(state.step)
-    bar = tqdm(total=t.steps, initial=start, desc="training", unit="step", file=sys.stderr,
-               disable=not progress,
-               mininterval=1 if sys.stderr.isatty() else 30)  # logs to a file: a line every 30 s
+    bar = progress_bar(total=t.steps, initial=start, desc="training", unit="step", enabled=progress)
     tokens_seen, t0 = 0, time.perf_counter()
     for step in range(start, t.steps):
         indices = step_indices(pool, t.batch_size, step, t.seed)
