@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jetspec_jax.cache import UNROLL_ROWS
 from jetspec_jax.decode import cache_capacity, decode, prompt_bucket, results, start
 from jetspec_jax.errors import UserError
 from jetspec_jax.step import DecodeConfig, DecodeState, map_rows
@@ -32,9 +33,12 @@ def replace_rows(state: DecodeState, new: DecodeState, rows: jax.Array) -> Decod
     must carry identical rows.
 
     One dynamic_update_slice per row and leaf (R is static and small), which XLA performs in place
-    on the donated state; a scatter (`.at[rows].set`) copied the whole cache on CPU.
+    on the donated state; a scatter (`.at[rows].set`) copied the whole cache on CPU. Past
+    UNROLL_ROWS rows the unrolled program would take long to compile, so the scatter is used.
     """
     def put(a, b):
+        if b.shape[0] > UNROLL_ROWS:
+            return a.at[rows].set(b)
         zeros = (jnp.zeros((), jnp.int32),) * (a.ndim - 1)
         for j in range(b.shape[0]):
             a = jax.lax.dynamic_update_slice(a, b[j:j + 1], (rows[j], *zeros))

@@ -59,3 +59,30 @@ def test_fewer_prompts_than_rows(params):
     prompts = _prompts(2, seed=1)
     got = dict(generate_continuous(params, prompts, config, batch_size=8, max_new_tokens=5))
     assert [got[i].ids for i in range(2)] == [g.ids for g in generate(params, prompts, config, max_new_tokens=5)]
+
+
+
+def _host(x):
+    return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
+@pytest.mark.parametrize("batch,num_rows", [(6, 3), (80, 70)])  # in-place updates; scatter past 64
+def test_replace_rows_puts_each_new_row_where_asked(params, batch, num_rows):
+    from jetspec_jax.batcher import replace_rows
+    from jetspec_jax.decode import start
+    from jetspec_jax.step import map_rows
+
+    config = DecodeConfig(target=TARGET)
+    old = start(params, _prompts(batch, seed=1), config, max_new_tokens=4, capacity=256)
+    new = start(params, _prompts(num_rows, seed=2), config, max_new_tokens=5, capacity=256)
+    rows = np.random.default_rng(0).permutation(batch)[:num_rows]
+    got = jax.jit(replace_rows)(old, new, rows)
+
+    def check(g, o, n):  # every per-row leaf: row rows[j] is new row j, the others are unchanged
+        want = _host(o).copy()
+        want[rows] = _host(n)
+        np.testing.assert_array_equal(_host(g), want)
+        return g
+
+    map_rows(check, got, old, new)
+    np.testing.assert_array_equal(got.sampling.stop_ids, old.sampling.stop_ids)
