@@ -137,3 +137,21 @@ def test_pallas_kernel_inside_the_model_is_lossless(monkeypatch):
     out = generate(p, PROMPTS[:2], pallas, max_new_tokens=8)
     assert calls, "the Pallas kernel was never called"
     assert [g.ids for g in out] == [g.ids for g in ar]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_drafting_fewer_depths_keeps_the_draft(params, causal):
+    """A round drafts only the depths its tree can reach (N - 1) and a causal head runs only the
+    block rows [root, MASK x D]: those depths' logits must equal the full block's."""
+    from jetspec_jax.step import draft_logits
+
+    head = HEAD.replace(causal=causal)
+    state = start(params, PROMPTS, DecodeConfig(TARGET, head, TreeConfig.chain(7)), max_new_tokens=8)
+    full_cfg = DecodeConfig(TARGET, head, TreeConfig.chain(7))
+    short_cfg = DecodeConfig(TARGET, head, TreeConfig(budget=4, width=2, depth=7))
+    assert (short_cfg.depth, short_cfg.block_rows) == (3, 4 if causal else 8)
+    draft = jax.jit(draft_logits, static_argnames="config")
+    full, _ = draft(params, state.root, state.head_cache, config=full_cfg)
+    short, _ = draft(params, state.root, state.head_cache, config=short_cfg)
+    assert short.shape == (len(PROMPTS), 3, TARGET.vocab_size)
+    np.testing.assert_allclose(short, full[:, :3], rtol=1e-5, atol=1e-5)
