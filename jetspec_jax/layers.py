@@ -52,16 +52,18 @@ def attention_implementation(name: str):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one kernel (layout.py)."""
 
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
-        h = nn.silu(dense(self.intermediate_size, "gate_proj")(x)) * dense(self.intermediate_size, "up_proj")(x)
-        return dense(x.shape[-1], "down_proj")(h)
+        gate_up = nn.DenseGeneral((2, self.intermediate_size), use_bias=False, dtype=self.dtype,
+                                  param_dtype=self.dtype, name="gate_up_proj")(x)  # (..., 2, F)
+        h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        return nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                        name="down_proj")(h)
 
 
 class Attention(nn.Module):
@@ -83,42 +85,43 @@ class Attention(nn.Module):
     o_bias: bool = False  # bias on o_proj (HF Qwen3 / DFlash with attention_bias; Qwen2 has none)
 
     def setup(self):
-        dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
-        self.q_proj = dense(self.num_heads * self.head_dim, self.qkv_bias, "q_proj")
-        self.k_proj = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "k_proj")
-        self.v_proj = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "v_proj")
-        self.o_proj = dense(self.hidden_size, self.o_bias, "o_proj")
+        group = self.num_heads // self.num_kv_heads
+        # One kernel for q, k and v: per KV head, its query heads, then its key and value (layout.py).
+        self.qkv_proj = nn.DenseGeneral((self.num_kv_heads, group + 2, self.head_dim), use_bias=self.qkv_bias,
+                                        dtype=self.dtype, param_dtype=self.dtype, name="qkv_proj")
+        self.o_proj = nn.Dense(self.hidden_size, use_bias=self.o_bias, dtype=self.dtype, param_dtype=self.dtype,
+                               name="o_proj")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="k_norm")
 
-    def keys_values(self, x, cos, sin):
-        """x (B, T, d) -> k, v (B, T, Hkv, Dh), k normed and rotated."""
+    def projections(self, x, cos, sin):
+        """x (B, T, d) -> q (B, T, H, Dh), k, v (B, T, Hkv, Dh); q and k normed and rotated."""
         b, t, _ = x.shape
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        group = self.num_heads // self.num_kv_heads
+        qkv = self.qkv_proj(x)  # (B, T, Hkv, G + 2, Dh)
+        q = qkv[..., :group, :].reshape(b, t, self.num_heads, self.head_dim)
+        k, v = qkv[..., group, :], qkv[..., group + 1, :]
         if self.qk_norm:
-            k = self.k_norm(k)
-        return apply_rope(k, cos, sin), v
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def queries(self, x, cos, sin):
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q)
-        return apply_rope(q, cos, sin)
+    def keys_values(self, x, cos, sin):
+        """x (B, T, d) -> k, v (B, T, Hkv, Dh), k normed and rotated (the head's context rows;
+        their queries are computed by the same product and dropped)."""
+        _, k, v = self.projections(x, cos, sin)
+        return k, v
 
     def __call__(self, x, cos, sin, cache_k, cache_v, lengths, tree_mask):
         """x (B, T, d); cos/sin (B, T, Dh); cache_k/v (B, Hkv, S, Dh); lengths (B,);
         tree_mask (B, T, T) -> out (B, T, d), new cache_k, new cache_v (rows written at lengths).
         """
         b, t, _ = x.shape
-        k, v = self.keys_values(x, cos, sin)
+        q, k, v = self.projections(x, cos, sin)
         cache_k = write_rows(cache_k, k, lengths)
         cache_v = write_rows(cache_v, v, lengths)
         impl, interpret = attention_implementation(self.attention_impl)
-        out = tree_attention(self.queries(x, cos, sin), cache_k, cache_v, lengths, tree_mask,
-                             implementation=impl, interpret=interpret)
+        out = tree_attention(q, cache_k, cache_v, lengths, tree_mask, implementation=impl, interpret=interpret)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache_k, cache_v
 
 

@@ -16,9 +16,10 @@ Mesh axes:
 
 Every array is described by logical axis names; `logical_rules` maps them to mesh axes for one
 model. Worked example, SmolLM2-135M (9 query / 3 KV heads, head_dim 64, ffn 1536, vocab 49152)
-on tp=3: q_proj kernel (576, 576) -> ("embed", "q_heads") -> P(None, "tp"), each device holds 3
-whole heads; k_proj (576, 192) -> P(None, "tp"), one KV head each; down_proj (1536, 576) ->
-P("tp", None); a target cache layer (B, 3, S, 64) -> P("dp", "tp", None, None).
+on tp=3: qkv_proj kernel (576, 3, 5, 64) -> ("embed", "kv_heads", None, None) -> P(None, "tp"),
+each device holds one KV head with its 3 query heads; o_proj (576, 576) -> P("tp", None);
+down_proj (1536, 576) -> P("tp", None); a target cache layer (B, 3, S, 64) -> P("dp", "tp", None, None).
+Where tp does not divide the KV heads, the qkv projection is replicated.
 """
 
 from __future__ import annotations
@@ -36,22 +37,18 @@ from jetspec_jax.step import DecodeConfig, DecodeState, SamplingParams
 MESH_AXES = ("dp", "tp")
 
 # (module, parameter) -> logical axes of the array; the last two names of a parameter's path.
-# Dense kernels are (in, out); "q_heads"/"kv_heads" are the flattened (heads * head_dim) axes.
+# Dense kernels are (in, out); "q_heads" is the flattened (heads * head_dim) axis of o_proj's input,
+# "kv_heads" the KV-head axis of the fused qkv kernel (each KV group with its query heads).
 PARAM_AXES = {
     ("embed", "embedding"): ("vocab", "embed"),
     ("lm_head", "kernel"): ("embed", "vocab"),
-    ("q_proj", "kernel"): ("embed", "q_heads"),
-    ("q_proj", "bias"): ("q_heads",),
-    ("k_proj", "kernel"): ("embed", "kv_heads"),
-    ("k_proj", "bias"): ("kv_heads",),
-    ("v_proj", "kernel"): ("embed", "kv_heads"),
-    ("v_proj", "bias"): ("kv_heads",),
+    ("qkv_proj", "kernel"): ("embed", "kv_heads", None, None),  # (d, Hkv, G+2, Dh), see layout.py
+    ("qkv_proj", "bias"): ("kv_heads", None, None),
     ("o_proj", "kernel"): ("q_heads", "embed"),
     ("o_proj", "bias"): ("embed",),
     ("q_norm", "scale"): ("head_dim",),
     ("k_norm", "scale"): ("head_dim",),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("gate_up_proj", "kernel"): ("embed", None, "mlp"),  # (d, 2, F)
     ("down_proj", "kernel"): ("mlp", "embed"),
     ("fc", "kernel"): ("features", "embed"),  # the head's tap projection, taps*d -> d
     ("input_norm", "scale"): ("embed",),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jetspec_jax import layout
 from jetspec_jax.errors import UserError
 from jetspec_jax.loading import LoadedModel, load_checkpoint, load_hf_dir, load_model, save_checkpoint
 from jetspec_jax.loading import checkpoint as checkpoint_module
@@ -81,7 +82,8 @@ def test_bfloat16_safetensors(tiny_hf_models, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_models["qwen3"], dtype=torch.bfloat16)
     model.save_pretrained(tmp_path)
     config, params = load_hf_dir(tmp_path, dtype="bfloat16")
-    q = params["layers_1"]["attn"]["q_proj"]["kernel"]
+    qkv = params["layers_1"]["attn"]["qkv_proj"]["kernel"]
+    q = layout.split({"qkv_proj/kernel": qkv}, config.num_heads, config.num_kv_heads, config.head_dim)["q_proj/kernel"]
     assert q.dtype == jnp.bfloat16 and params["layers_1"]["attn"]["q_norm"]["scale"].dtype == jnp.float32
     expected = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T
     np.testing.assert_array_equal(np.asarray(q, np.float32), expected)

@@ -43,7 +43,8 @@ def small_cache():
 def params():
     target = init_params(TARGET, jax.random.PRNGKey(0))
     # Sharpen the random model so the distributions are far from uniform.
-    target = jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, target)
+    target = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 3.0 if path[-1].key in ("kernel", "embedding") else x, target)
     return {"target": target, "head": init_head_params(HEAD, jax.random.PRNGKey(1))}
 
 

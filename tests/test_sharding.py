@@ -200,16 +200,16 @@ def _write_hf_dir(path, config, params):
     """A Hugging Face directory (config.json + model.safetensors) holding our params."""
     from safetensors.numpy import save_file
 
+    from jetspec_jax import layout
     from jetspec_jax.loading.hf import _GLOBAL_TENSORS, _LAYER_TENSORS
 
     names = {ours: hf for hf, ours in _GLOBAL_TENSORS.items()}
     for i in range(config.num_layers):
         names.update({f"layers_{i}/{ours}": f"model.layers.{i}.{hf}" for hf, ours in _LAYER_TENSORS.items()})
-    tensors = {}
-    for key_path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        ours = "/".join(k.key for k in key_path)
-        w = np.asarray(value)
-        tensors[names[ours]] = np.ascontiguousarray(w.T if ours.endswith("/kernel") else w)
+    flat = {"/".join(k.key for k in key_path): np.asarray(value)
+            for key_path, value in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = layout.split(flat, config.num_heads, config.num_kv_heads, config.head_dim)  # HF: one per projection
+    tensors = {names[ours]: np.ascontiguousarray(w.T if ours.endswith("/kernel") else w) for ours, w in flat.items()}
     save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({
         "model_type": "qwen3", "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jetspec_jax import layout
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
 from jetspec_jax.model import init_params
@@ -55,11 +56,13 @@ def _flat_paths(tree) -> dict[str, Any]:
 def assemble_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], source: str):
     """Build the params pytree from host arrays keyed by "/"-joined param path.
 
-    tensors["layers_0/attn/q_proj/kernel"] = array of shape (d, Hq*Dh), any float dtype. Every
+    tensors["layers_0/attn/q_proj/kernel"] = array of shape (d, Hq*Dh), any float dtype: the
+    projections one by one, as checkpoints store them; they are fused here (see layout.py). Every
     leaf is checked against `abstract_params(config)` and cast to the dtype declared there.
     Raises UserError naming the first missing, unexpected or misshapen tensor.
     """
-    expected = _flat_paths(abstract_params(config))
+    heads = (config.num_heads, config.num_kv_heads, config.head_dim)
+    expected = layout.split_shapes(_flat_paths(abstract_params(config)), *heads)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise UserError(f"{source}: unexpected parameter {unexpected[0]} for this model config")
@@ -70,7 +73,8 @@ def assemble_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], sour
         value = tensors[name]
         if tuple(value.shape) != tuple(spec.shape):
             raise UserError(f"{source}: parameter {name} has shape {tuple(value.shape)}, expected {tuple(spec.shape)}")
-        leaves[name] = jax.numpy.asarray(np.asarray(value, dtype=spec.dtype))
+        leaves[name] = np.asarray(value, dtype=spec.dtype)
+    leaves = {name: jax.numpy.asarray(value) for name, value in layout.fuse(leaves, *heads).items()}
     return jax.tree_util.tree_map_with_path(
         lambda path, _: leaves["/".join(k.key for k in path)], abstract_params(config))
 

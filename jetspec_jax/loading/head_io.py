@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
+from jetspec_jax import layout
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import HeadConfig, init_head_params
 
@@ -169,11 +170,32 @@ def _hf_name(path: tuple[str, ...]) -> str:
     return ".".join(parts + [_LEAF_NAMES[leaf]])
 
 
+def _heads(cfg: HeadConfig) -> tuple:
+    return cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+
+def _flat(tree) -> dict:
+    """Nested params -> {"/"-joined path: leaf}."""
+    return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nested(flat: dict) -> dict:
+    tree = {}
+    for name, leaf in flat.items():
+        *modules, last = name.split("/")
+        node = tree
+        for key in modules:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+
+
 def _expected(cfg: HeadConfig) -> dict:
-    """{flax path tuple: ShapeDtypeStruct} of every head parameter (the one source of shapes)."""
+    """{flax path tuple: ShapeDtypeStruct} of every head parameter as checkpoints store them, one
+    projection at a time (the params fuse q/k/v and gate/up, see layout.py). `init_head_params`
+    is the one source of shapes."""
     shapes = jax.eval_shape(lambda: init_head_params(cfg, jax.random.PRNGKey(0)))
-    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
-    return {tuple(k.key for k in path): leaf for path, leaf in flat}
+    return {tuple(name.split("/")): leaf for name, leaf in layout.split_shapes(_flat(shapes), *_heads(cfg)).items()}
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -210,19 +232,15 @@ def _params_from_tensors(cfg: HeadConfig, tensors: dict, source: Path) -> dict:
     extra = sorted(n for n in set(tensors) - set(names) if not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise UserError(f"{source}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}")
-    params = {}
+    flat = {}
     for name, path in names.items():
         is_kernel = path[-1] == "kernel"  # torch (out, in) <-> flax (in, out)
         want = expected[path].shape[::-1] if is_kernel else expected[path].shape
         if tuple(tensors[name].shape) != tuple(want):
             raise UserError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                             f"the config implies {tuple(want)}")
-        value = tensors[name].T if is_kernel else tensors[name]
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return params
+        flat["/".join(path)] = tensors[name].T if is_kernel else tensors[name]
+    return _nested(layout.fuse(flat, *_heads(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,11 +276,11 @@ def load_head_dir(path, dtype: str = "float32") -> tuple[HeadConfig, dict]:
 
 
 def _write(directory: Path, cfg: HeadConfig, params: dict) -> None:
-    expected = _expected(cfg)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    got = {tuple(k.key for k in path): leaf for path, leaf in flat}
-    if {p: v.shape for p, v in got.items()} != {p: v.shape for p, v in expected.items()}:
+    fused = _flat(params)
+    want = _flat(jax.eval_shape(lambda: init_head_params(cfg, jax.random.PRNGKey(0))))
+    if {p: v.shape for p, v in fused.items()} != {p: v.shape for p, v in want.items()}:
         raise ValueError("params do not match the head config (names or shapes differ)")
+    got = {tuple(name.split("/")): leaf for name, leaf in layout.split(fused, *_heads(cfg)).items()}
     tensors = {_hf_name(p): (v.T if p[-1] == "kernel" else jnp.asarray(v)) for p, v in got.items()}
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(head_config_to_hf(cfg), indent=2) + "\n")

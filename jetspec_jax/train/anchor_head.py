@@ -78,8 +78,7 @@ class AnchorHead(DraftHead):
             attn = layer.attn
             ctx_k, ctx_v = attn.keys_values(ctx, ctx_cos, ctx_sin)  # (B, L, Hkv, Dh); no input_norm
             h = layer.input_norm(x)
-            q = attn.queries(h, blk_cos, blk_sin)  # (B, A*Bs, Hq, Dh)
-            blk_k, blk_v = attn.keys_values(h, blk_cos, blk_sin)  # (B, A*Bs, Hkv, Dh)
+            q, blk_k, blk_v = attn.projections(h, blk_cos, blk_sin)  # (B, A*Bs, Hq or Hkv, Dh)
             split = lambda t: t.reshape(b, a, bs, *t.shape[2:])  # noqa: E731
             out = anchor_attention(split(q), ctx_k, ctx_v, split(blk_k), split(blk_v),
                                    ctx_visible, blk_visible)

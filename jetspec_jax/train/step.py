@@ -50,8 +50,8 @@ def learning_rate(spec: StepConfig):
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only (not on norm scales or biases)."""
-    return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
+    """Weight decay on kernels only (not on norm scales or biases, whatever their rank)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
 def make_optimizer(spec: StepConfig) -> optax.GradientTransformation:
