@@ -20,6 +20,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+# Tree nodes per round when --budget is not given. Verifying N tokens costs about one token's
+# forward on a GPU up to large N, but ~1.4x (N=4) to ~2.9x (N=32) on CPU, where the fastest tree for
+# the shipped SmolLM2 head is N=4 (`docs/bench/report.md`, 2-core machine, 2026-12-02).
+DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
+
+
+def default_budget() -> int:
+    import jax
+
+    return DEFAULT_BUDGET["gpu" if jax.default_backend() == "gpu" else "cpu"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jetspec_jax.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", help="prompt text (chat template applied); or use --input")
@@ -29,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft head directory, or 'none' (default: the head shipped for the model)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="ar, chain or tree (default: tree with a draft head, else ar)")
-    p.add_argument("--budget", type=int, default=None, help="tree nodes per round N, root included")
+    p.add_argument("--budget", type=int, default=None,
+                   help="tree nodes per round N, root included (default: %d on CPU, %d on GPU)"
+                        % (DEFAULT_BUDGET["cpu"], DEFAULT_BUDGET["gpu"]))
     p.add_argument("--width", type=int, default=None, help="tree width W (top-W per depth)")
     p.add_argument("--depth", type=int, default=None, help="tree depth D (<= block size - 1)")
     p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first",
@@ -127,7 +141,7 @@ def decode_config(args, model, head):
         if mode == "chain":
             tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain")
         else:
-            tree = TreeConfig(budget=args.budget or 32, width=args.width or 4, depth=depth,
+            tree = TreeConfig(budget=args.budget or default_budget(), width=args.width or 4, depth=depth,
                               kind=args.tree_kind)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -116,3 +116,22 @@ def test_truncated_model_file_exits_2_without_traceback(tmp_path, smollm2_gguf):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_default_tree_budget_follows_the_backend():
+    """Without --budget the tree has the budget measured fastest for the backend (CPU here)."""
+    import types
+
+    from jetspec_jax.cli import DEFAULT_BUDGET, build_parser, decode_config
+    from jetspec_jax.config import ModelConfig
+    from jetspec_jax.head import HeadConfig
+
+    target = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=8, intermediate_size=64)
+    head = HeadConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=64, vocab_size=64, num_target_layers=2, mask_token_id=63)
+    model = types.SimpleNamespace(config=target)
+    config = decode_config(build_parser().parse_args(["hi"]), model, (head, None))
+    assert config.tree.budget == DEFAULT_BUDGET["cpu"] == 4 and config.tree.width == 4
+    config = decode_config(build_parser().parse_args(["hi", "--budget", "9"]), model, (head, None))
+    assert config.tree.budget == 9
