@@ -141,7 +141,9 @@ def decode_config(args, model, head):
         if mode == "chain":
             tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain")
         else:
-            tree = TreeConfig(budget=args.budget or default_budget(), width=args.width or 4, depth=depth,
+            budget = args.budget if args.budget is not None else default_budget()
+            width = args.width if args.width is not None else 4
+            tree = TreeConfig(budget=budget, width=width, depth=depth,
                               kind=args.tree_kind)
     except ValueError as e:
         raise UserError(str(e)) from None

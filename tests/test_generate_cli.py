@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jetspec_jax.cli import main
+from jetspec_jax.errors import UserError
 
 FAMILIES = ["qwen3", "qwen2", "llama"]
 PROMPTS = [[3, 17, 42, 99, 5], [120, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]]
@@ -135,3 +136,6 @@ def test_default_tree_budget_follows_the_backend():
     assert config.tree.budget == DEFAULT_BUDGET["cpu"] == 4 and config.tree.width == 4
     config = decode_config(build_parser().parse_args(["hi", "--budget", "9"]), model, (head, None))
     assert config.tree.budget == 9
+    for bad in (["--budget", "0"], ["--width", "0"]):  # zero is an error, not "use the default"
+        with pytest.raises(UserError, match="must be an integer >= 1"):
+            decode_config(build_parser().parse_args(["hi", *bad]), model, (head, None))
