@@ -280,7 +280,7 @@ def config_name(config) -> str:
     if config.tree is None:
         return "ar"
     t = config.tree
-    return f"{t.kind} N={t.budget} W={t.width} D={t.depth}"
+    return f"{t.kind} N={t.budget} W={t.width} D={config.depth}"  # the depth a round can reach
 
 
 def main(argv=None) -> int:
