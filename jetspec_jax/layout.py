@@ -32,16 +32,28 @@ _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP = ("gate_proj", "up_proj")
 
 
-def _concat(parts, axis):
-    if all(isinstance(p, np.ndarray) for p in parts):
-        return np.concatenate(parts, axis=axis)
-    return jnp.concatenate(parts, axis=axis)
+def _xp(parts):
+    """numpy for host arrays (loaders), jax.numpy for device arrays and tracers."""
+    return np if all(isinstance(p, np.ndarray) for p in parts) else jnp
 
 
-def _stack(parts, axis):
-    if all(isinstance(p, np.ndarray) for p in parts):
-        return np.stack(parts, axis=axis)
-    return jnp.stack(parts, axis=axis)
+def flatten(tree) -> dict:
+    """Nested params -> {"/"-joined path: leaf}, the keys this module works on."""
+    import jax
+
+    return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: dict) -> dict:
+    """{"/"-joined path: leaf} -> nested dicts (the inverse of `flatten`)."""
+    tree = {}
+    for name, leaf in flat.items():
+        *modules, last = name.split("/")
+        node = tree
+        for key in modules:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
 
 
 def _prefixes(flat: dict, suffix: str) -> list[str]:
@@ -63,11 +75,12 @@ def fuse(flat: dict, num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
             q = q.reshape(*lead, num_kv_heads, g, head_dim)
             k = k.reshape(*lead, num_kv_heads, 1, head_dim)
             v = v.reshape(*lead, num_kv_heads, 1, head_dim)
-            out[f"{prefix}attn/qkv_proj/{leaf}"] = _concat([q, k, v], axis=-2)
+            out[f"{prefix}attn/qkv_proj/{leaf}"] = _xp([q, k, v]).concatenate([q, k, v], axis=-2)
     for prefix in _prefixes(flat, "mlp/gate_proj/kernel"):
         names = [f"{prefix}mlp/{p}/kernel" for p in _MLP]
         if all(n in flat for n in names):
-            out[f"{prefix}mlp/gate_up_proj/kernel"] = _stack([out.pop(n) for n in names], axis=-2)
+            gate, up = (out.pop(n) for n in names)
+            out[f"{prefix}mlp/gate_up_proj/kernel"] = _xp([gate, up]).stack([gate, up], axis=-2)
     return out
 
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -48,11 +48,6 @@ def abstract_params(config: ModelConfig):
     return {**tree, **{f"layers_{i}": layer for i in range(config.num_layers)}}
 
 
-def _flat_paths(tree) -> dict[str, Any]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(k.key for k in path): leaf for path, leaf in flat}
-
-
 def assemble_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], source: str):
     """Build the params pytree from host arrays keyed by "/"-joined param path.
 
@@ -62,7 +57,7 @@ def assemble_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], sour
     Raises UserError naming the first missing, unexpected or misshapen tensor.
     """
     heads = (config.num_heads, config.num_kv_heads, config.head_dim)
-    expected = layout.split_shapes(_flat_paths(abstract_params(config)), *heads)
+    expected = layout.split_shapes(layout.flatten(abstract_params(config)), *heads)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise UserError(f"{source}: unexpected parameter {unexpected[0]} for this model config")

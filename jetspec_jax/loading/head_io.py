@@ -174,28 +174,17 @@ def _heads(cfg: HeadConfig) -> tuple:
     return cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
 
-def _flat(tree) -> dict:
-    """Nested params -> {"/"-joined path: leaf}."""
-    return {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _nested(flat: dict) -> dict:
-    tree = {}
-    for name, leaf in flat.items():
-        *modules, last = name.split("/")
-        node = tree
-        for key in modules:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
+def _param_shapes(cfg: HeadConfig) -> dict:
+    """{"/"-joined path: ShapeDtypeStruct} of the head's params (fused layout); `init_head_params`
+    is the one source of shapes."""
+    return layout.flatten(jax.eval_shape(lambda: init_head_params(cfg, jax.random.PRNGKey(0))))
 
 
 def _expected(cfg: HeadConfig) -> dict:
     """{flax path tuple: ShapeDtypeStruct} of every head parameter as checkpoints store them, one
-    projection at a time (the params fuse q/k/v and gate/up, see layout.py). `init_head_params`
-    is the one source of shapes."""
-    shapes = jax.eval_shape(lambda: init_head_params(cfg, jax.random.PRNGKey(0)))
-    return {tuple(name.split("/")): leaf for name, leaf in layout.split_shapes(_flat(shapes), *_heads(cfg)).items()}
+    projection at a time (the params fuse q/k/v and gate/up, see layout.py)."""
+    split = layout.split_shapes(_param_shapes(cfg), *_heads(cfg))
+    return {tuple(name.split("/")): leaf for name, leaf in split.items()}
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -240,7 +229,7 @@ def _params_from_tensors(cfg: HeadConfig, tensors: dict, source: Path) -> dict:
             raise UserError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                             f"the config implies {tuple(want)}")
         flat["/".join(path)] = tensors[name].T if is_kernel else tensors[name]
-    return _nested(layout.fuse(flat, *_heads(cfg)))
+    return layout.unflatten(layout.fuse(flat, *_heads(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +265,8 @@ def load_head_dir(path, dtype: str = "float32") -> tuple[HeadConfig, dict]:
 
 
 def _write(directory: Path, cfg: HeadConfig, params: dict) -> None:
-    fused = _flat(params)
-    want = _flat(jax.eval_shape(lambda: init_head_params(cfg, jax.random.PRNGKey(0))))
-    if {p: v.shape for p, v in fused.items()} != {p: v.shape for p, v in want.items()}:
+    fused = layout.flatten(params)
+    if {p: v.shape for p, v in fused.items()} != {p: v.shape for p, v in _param_shapes(cfg).items()}:
         raise ValueError("params do not match the head config (names or shapes differ)")
     got = {tuple(name.split("/")): leaf for name, leaf in layout.split(fused, *_heads(cfg)).items()}
     tensors = {_hf_name(p): (v.T if p[-1] == "kernel" else jnp.asarray(v)) for p, v in got.items()}

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
-from jetspec_jax.progress import progress_bar
 from jetspec_jax.head import HeadConfig, check_head_fits, init_head_params
 from jetspec_jax.loading.head_io import load_head_dir, save_head_dir
+from jetspec_jax.progress import progress_bar
 from jetspec_jax.train.batches import make_batch, step_indices, usable
 from jetspec_jax.train.checkpoint import latest_checkpoint, restore_train_checkpoint, save_train_checkpoint
 from jetspec_jax.train.config import HeadSection, TrainConfig
