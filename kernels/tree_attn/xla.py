@@ -25,7 +25,7 @@ def window_sizes(num_queries: int, num_slots: int) -> tuple[int, ...]:
     """Static key windows: powers of two from MIN_WINDOW that can hold N rows, then S itself."""
     sizes = []
     w = MIN_WINDOW
-    while w < num_slots:
+    while 2 * w <= num_slots:  # a window over half the cache costs more (a copy) than the whole
         if w >= num_queries:
             sizes.append(w)
         w *= 2
@@ -37,20 +37,35 @@ def _attend(q, k, v, lengths, tree_mask, window: int):
     b, n, hq, d = q.shape
     hkv, g = k.shape[1], hq // k.shape[1]
     f32 = jnp.float32
-    k, v = k[:, :, :window], v[:, :, :window]
-    # Keys need no mask: the score of an invisible slot is replaced by -inf whatever it is (NaN
-    # included). Values do: a zero probability times a NaN value is NaN.
-    used = jnp.arange(window, dtype=jnp.int32)[None, :] < (lengths + n)[:, None]  # (B, W)
-    v = jnp.where(used[:, None, :, None], v, jnp.zeros((), v.dtype)).astype(f32)
+    if window < k.shape[2]:  # a slice is a copy on XLA:CPU: worth it only for a short window
+        k, v = k[:, :, :window], v[:, :, :window]
     # Batched over (B, Hkv), the G query heads of a group stacked with the N queries, so that each
-    # product reads the (W, D) cache window as it lies in memory: scores = Q K^T, out = P V.
+    # product reads the (W, D) cache window as it lies in memory. K is the left operand: XLA:CPU
+    # runs (W, D) x (D, G*N) several times faster than (G*N, D) x (D, W).
     qg = q.reshape(b, n, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * n, d)
     batch = ((0, 1), (0, 1))
-    scores = jax.lax.dot_general(qg, k, (((3,), (3,)), batch), preferred_element_type=f32) * (d**-0.5)
+    scores = jax.lax.dot_general(k, qg, (((3,), (3,)), batch), preferred_element_type=f32)  # (B, Hkv, W, G*N)
+    scores = jnp.swapaxes(scores, 2, 3) * (d**-0.5)
+    # Keys need no mask: the score of an invisible slot is replaced by -inf whatever it is (NaN
+    # included), so its probability is exactly 0.
     visible = visible_slots(lengths, tree_mask, window)  # (B, N, W)
     scores = jnp.where(visible[:, None, None], scores.reshape(b, hkv, g, n, window), -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).reshape(b, hkv, g * n, window)
-    out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch), preferred_element_type=f32)  # (B, Hkv, G*N, D)
+
+    def weighted(values):
+        return jax.lax.dot_general(probs, values.astype(f32), (((3,), (2,)), batch), preferred_element_type=f32)
+
+    # A zero probability times a finite value adds exactly 0, so unused slots holding finite values
+    # (always, in this package's caches) need no mask; a NaN or inf there would poison the sum, so
+    # a non-finite result is recomputed with unused values zeroed. This skips a masked copy of V
+    # per layer and step, and the result equals the masked product bit for bit.
+    out = weighted(v)  # (B, Hkv, G*N, D)
+
+    def masked():
+        used = jnp.arange(window, dtype=jnp.int32)[None, :] < (lengths + n)[:, None]  # (B, W)
+        return weighted(jnp.where(used[:, None, :, None], v, jnp.zeros((), v.dtype)))
+
+    out = jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, masked)
     out = out.reshape(b, hkv, g, n, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, n, hq, d).astype(q.dtype)
 
