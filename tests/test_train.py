@@ -349,6 +349,17 @@ def test_regeneration_resumes_without_repeats(tmp_path, target, monkeypatch):
         regenerate(target, prompts, tmp_path / "resumed", progress=False, batch_size=3, max_new_tokens=9)
 
 
+def test_a_data_dir_can_take_more_prompt_sets(tmp_path):
+    from jetspec_jax.train.shards import read_manifest
+
+    write_manifest(tmp_path, {"prompt_sets": ["gsm8k"], "temperature": 0.0})
+    write_manifest(tmp_path, {"prompt_sets": ["gsm8k", "math"], "temperature": 0.0})
+    write_manifest(tmp_path, {"prompt_sets": ["mbpp"], "temperature": 0.0})  # a subset run adds mbpp
+    assert read_manifest(tmp_path) == {"prompt_sets": ["gsm8k", "math", "mbpp"], "temperature": 0.0}
+    with pytest.raises(UserError, match=r"other settings \(temperature differ\)"):
+        write_manifest(tmp_path, {"prompt_sets": ["gsm8k"], "temperature": 0.7})
+
+
 def test_regeneration_order_keeps_the_sets_balanced():
     from jetspec_jax.train.data import _balanced_order
 

@@ -74,18 +74,28 @@ def exclusive(directory, what: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+GROWS = "prompt_sets"  # the one manifest entry a data dir may extend
+
+
 def write_manifest(directory, manifest: dict) -> None:
-    """Create the manifest, or check that an existing one describes the same data."""
+    """Create the manifest, or check that an existing one describes the same data.
+
+    Prompt sets may be added to a data dir (answers are keyed by set and index, and every set is
+    answered under the same settings): the manifest then lists every set ever used.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+        diff = sorted(k for k in set(old) | set(manifest) if k != GROWS and old.get(k) != manifest.get(k))
         if diff:
             raise UserError(f"{directory} holds data made with other settings ({', '.join(diff)} differ); "
                             "use a new data dir or delete it")
-        return
+        sets = list(dict.fromkeys([*old.get(GROWS, []), *manifest.get(GROWS, [])]))
+        if sets == old.get(GROWS, []):
+            return
+        manifest = {**old, GROWS: sets}
     _atomic_write(path, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
 
 
