@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -383,6 +384,17 @@ def test_a_second_writer_of_a_data_dir_is_refused(tmp_path, target):
 def _write_yaml(path, raw):
     path.write_text(json.dumps(raw))  # JSON is YAML
     return str(path)
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    from jetspec_jax.train.config import read_config
+
+    cfg = read_config(path)  # validates every section, refuses evaluation sets
+    assert cfg.target == "smollm2-135m" and cfg.data.dir == "data/smollm2-135m"
 
 
 @pytest.mark.parametrize("case,expected", [
