@@ -215,6 +215,22 @@ def test_stored_sequences_round_trip(tmp_path):
     assert data.keys == [f"s/{i}" for i in range(24)] and data.tokens[0].dtype == np.int32
 
 
+def test_data_stats_counts_by_set(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "scripts"))
+    import data_stats
+
+    write_manifest(tmp_path, {"target": "t"})
+    # a/0: 3-token prompt + 2 answer tokens, stopped; a/1: 1 + 4, hit the limit; b/0: 2 + 1, stopped
+    write_shard(tmp_path, 0, [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [7, 8, 9]], [3, 1, 2], ["a/0", "a/1", "b/0"],
+                [True, False, True], 100)
+    rows = {r["set"]: r for r in data_stats.stats(tmp_path)}
+    assert (rows["a"]["answers"], rows["a"]["response_tokens"], rows["a"]["hit_limit"]) == (2, 6, 0.5)
+    assert (rows["b"]["answers"], rows["b"]["response_tokens"], rows["b"]["mean_length"]) == (1, 1, 1.0)
+    assert (rows["total"]["answers"], rows["total"]["response_tokens"]) == (3, 7)
+    assert data_stats.main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, target):
     """An uninterrupted run: final params, per-step losses, depth-1 accuracies and data indices."""
