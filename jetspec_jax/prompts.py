@@ -146,14 +146,14 @@ def load_prompts(name: str) -> list[str]:
     """The user questions of prompt set `name` (see PROMPT_SETS), in the order of the pinned files,
     without the prompts of its `exclude` set."""
     spec = _spec(name)
-    records = []
-    for path in prompt_files(name):
+    paths, records = prompt_files(name), []
+    for path in paths:
         raw = path.read_bytes()
         if path.suffix == ".gz":
             raw = gzip.decompress(raw)
         records += [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     if len(records) != spec.count:
-        where = path if len(spec.members) == 1 else f"{path.parent.parent} ({name})"
+        where = paths[0] if len(paths) == 1 else f"{_wheel_dir(spec.wheel)} ({name}: {len(paths)} files)"
         raise UserError(f"{where}: {len(records)} records, expected {spec.count} (corrupt cache? delete it)")
     texts = [spec.to_text(r) for r in records]
     if spec.exclude:

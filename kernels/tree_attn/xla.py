@@ -22,7 +22,8 @@ MIN_WINDOW = 128  # smallest bucket; below this the per-branch overhead dominate
 
 
 def window_sizes(num_queries: int, num_slots: int) -> tuple[int, ...]:
-    """Static key windows: powers of two from MIN_WINDOW that can hold N rows, then S itself."""
+    """Static key windows: powers of two from MIN_WINDOW that can hold N rows and are at most S / 2
+    (slicing a longer window copies more than reading the whole cache costs), then S itself."""
     sizes = []
     w = MIN_WINDOW
     while 2 * w <= num_slots:  # a window over half the cache costs more (a copy) than the whole
