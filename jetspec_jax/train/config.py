@@ -8,8 +8,12 @@
     head:   {num_layers, block_size, causal, mask_token_id, ...}  (unset shapes come from the target)
     train:  {output_dir, steps, batch_size, max_length, anchors_per_seq, loss, lr, ...}
 
+A config may start from another: `base: smollm2-135m-causal.yaml` (relative to the config's own
+folder) reads that file first, then this file's keys replace the base's one by one inside each
+section. Stages and ablations name only what differs.
+
 An unknown key, a missing required key or a value of the wrong type is a one-line UserError
-naming the file and the key. Relative paths are relative to the working directory.
+naming the file and the key. Relative paths inside a config are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import yaml
 
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import check_training_sets
+
+SECTIONS = ("data", "head", "train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +137,7 @@ def parse_config(raw, path: str = "<config>") -> TrainConfig:
     unknown = sorted(set(raw) - {"target", "data", "head", "train"})
     if unknown:
         raise UserError(f"{path}: {unknown[0]}: unknown key (known: target, data, head, train)")
-    for key in ("target", "data", "head", "train"):
+    for key in ("target",) + SECTIONS:
         if key not in raw:
             raise UserError(f"{path}: {key}: missing required key")
     cfg = TrainConfig(
@@ -170,8 +176,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"{where}: data.prompt_sets: {e}") from None
 
 
-def read_config(path) -> TrainConfig:
-    path = Path(path)
+def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping of `path` with its `base` chain merged in (this file's keys win)."""
+    if path.resolve() in seen:
+        raise UserError(f"{path}: base: configs include each other ({' -> '.join(map(str, seen + (path,)))})")
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -180,4 +188,27 @@ def read_config(path) -> TrainConfig:
         raise UserError(f"{path}: cannot read ({e})") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
-    return parse_config(raw, str(path))
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    raw = dict(raw)
+    base_name = raw.pop("base")
+    if not isinstance(base_name, str) or not base_name:
+        raise UserError(f"{path}: base: expected a config file name, got {base_name!r}")
+    base_path = path.parent / base_name
+    if not base_path.is_file():
+        raise UserError(f"{path}: base: no such config file {base_path}")
+    merged = _read_raw(base_path, seen + (path.resolve(),))
+    if not isinstance(merged, dict):
+        raise UserError(f"{base_path}: expected a YAML mapping at the top level")
+    merged = dict(merged)
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config(path) -> TrainConfig:
+    path = Path(path)
+    return parse_config(_read_raw(path), str(path))
