@@ -421,6 +421,7 @@ def test_shipped_configs_are_valid(path):
     ("incompatible", "taps target layers"),
     ("base_missing", "base: no such config file"),
     ("base_cycle", "configs include each other"),
+    ("base_same_output", "train.output_dir: set one of its own"),
 ])
 def test_cli_bad_config_is_one_line_error(tmp_path, capsys, make_tiny_hf, case, expected):
     raw = {"target": str(make_tiny_hf("llama")), "data": {"dir": str(tmp_path / "d")},
@@ -438,6 +439,9 @@ def test_cli_bad_config_is_one_line_error(tmp_path, capsys, make_tiny_hf, case, 
     elif case == "base_cycle":
         raw["base"] = "b.yaml"
         _write_yaml(tmp_path / "b.yaml", {"base": "c.yaml"})
+    elif case == "base_same_output":
+        _write_yaml(tmp_path / "b.yaml", raw)
+        raw = {"base": "b.yaml", "train": {"steps": 3}}
     path = str(tmp_path / "absent.yaml") if case == "missing" else _write_yaml(tmp_path / "c.yaml", raw)
     capsys.readouterr()  # drop what the fixture printed
     assert main(["--config", path, "--no-progress"]) == 2
@@ -453,12 +457,13 @@ def test_config_base_is_overridden_key_by_key(tmp_path):
             "train": {"output_dir": "o", "steps": 10, "lr": 1e-3, "seed": 1}}
     (tmp_path / "sub").mkdir()
     _write_yaml(tmp_path / "sub" / "base.yaml", base)  # named relative to the config's own folder
-    _write_yaml(tmp_path / "sub" / "mid.yaml", {"base": "base.yaml", "train": {"steps": 20, "seed": 2}})
+    _write_yaml(tmp_path / "sub" / "mid.yaml", {"base": "base.yaml", "train": {"output_dir": "o2", "steps": 20, "seed": 2}})
     cfg = read_config(_write_yaml(tmp_path / "sub" / "top.yaml",
-                                  {"base": "mid.yaml", "head": {"causal": False}, "train": {"seed": 3}}))
+                                  {"base": "mid.yaml", "head": {"causal": False},
+                                   "train": {"output_dir": "o3", "seed": 3}}))
     assert (cfg.target, cfg.data.dir, cfg.data.prompt_sets) == ("t", "d", ("mbpp",))
     assert (cfg.head.num_layers, cfg.head.block_size, cfg.head.causal) == (1, 8, False)
-    assert (cfg.train.output_dir, cfg.train.steps, cfg.train.lr, cfg.train.seed) == ("o", 20, 1e-3, 3)
+    assert (cfg.train.output_dir, cfg.train.steps, cfg.train.lr, cfg.train.seed) == ("o3", 20, 1e-3, 3)
 
 
 def test_cli_module_entry_point(tmp_path):

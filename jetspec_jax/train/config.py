@@ -201,11 +201,16 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(merged, dict):
         raise UserError(f"{base_path}: expected a YAML mapping at the top level")
     merged = dict(merged)
+    output = lambda cfg: cfg["train"].get("output_dir") if isinstance(cfg.get("train"), dict) else None  # noqa: E731
+    base_output = output(merged)
     for key, value in raw.items():
         if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
+    if base_output is not None and output(merged) == base_output:
+        # Training resumes from the checkpoints in output_dir: sharing it would continue the base's run.
+        raise UserError(f"{path}: train.output_dir: set one of its own (its base {base_path} writes to {base_output})")
     return merged
 
 
