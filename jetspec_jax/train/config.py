@@ -134,9 +134,9 @@ def parse_config(raw, path: str = "<config>") -> TrainConfig:
     """A parsed YAML mapping -> TrainConfig (validated)."""
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a YAML mapping at the top level")
-    unknown = sorted(set(raw) - {"target", "data", "head", "train"})
+    unknown = sorted(set(raw) - {"target", *SECTIONS})
     if unknown:
-        raise UserError(f"{path}: {unknown[0]}: unknown key (known: target, data, head, train)")
+        raise UserError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(('target',) + SECTIONS)})")
     for key in ("target",) + SECTIONS:
         if key not in raw:
             raise UserError(f"{path}: {key}: missing required key")
@@ -176,6 +176,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"{where}: data.prompt_sets: {e}") from None
 
 
+def _output_dir(raw: dict):
+    train = raw.get("train")
+    return train.get("output_dir") if isinstance(train, dict) else None
+
+
 def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """The YAML mapping of `path` with its `base` chain merged in (this file's keys win)."""
     if path.resolve() in seen:
@@ -201,14 +206,13 @@ def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(merged, dict):
         raise UserError(f"{base_path}: expected a YAML mapping at the top level")
     merged = dict(merged)
-    output = lambda cfg: cfg["train"].get("output_dir") if isinstance(cfg.get("train"), dict) else None  # noqa: E731
-    base_output = output(merged)
+    base_output = _output_dir(merged)
     for key, value in raw.items():
         if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    if base_output is not None and output(merged) == base_output:
+    if base_output is not None and _output_dir(merged) == base_output:
         # Training resumes from the checkpoints in output_dir: sharing it would continue the base's run.
         raise UserError(f"{path}: train.output_dir: set one of its own (its base {base_path} writes to {base_output})")
     return merged
