@@ -21,7 +21,8 @@ from jetspec_jax.head import DraftHead, init_head_cache
 from jetspec_jax.model import Transformer, init_cache
 from jetspec_jax.sharding import (as_mesh, constrain_state, padded_batch, place_replicated, place_rows,
                                 shard_params, to_host)
-from jetspec_jax.step import DecodeConfig, DecodeState, SamplingParams, map_rows, speculative_step
+from jetspec_jax.step import (DecodeConfig, DecodeState, SamplingParams, map_rows, speculative_step,
+                              with_draft_table)
 
 MIN_PROMPT_BUCKET = 16
 CAPACITY_STEP = 256
@@ -67,6 +68,7 @@ def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, c
         head_cache=head_cache,
         root=jnp.take_along_axis(prompt, committed[:, None], axis=1)[:, 0],
         tokens=jnp.zeros((b, capacity), jnp.int32),
+        history=jnp.zeros((b, capacity), jnp.int32).at[:, :p].set(prompt[:, :capacity]),
         num_new=jnp.zeros((b,), jnp.int32),
         max_new=max_new.astype(jnp.int32),
         done=max_new <= 0,
@@ -83,6 +85,7 @@ def decode(params, state: DecodeState, max_rounds, *, config: DecodeConfig, mesh
 
     mesh: the Mesh the state is laid out on (None: unsharded); the loop carry keeps that layout.
     """
+    params = with_draft_table(params, config)  # once per call, not once per round
 
     def cond(carry):
         state, i = carry

@@ -67,6 +67,9 @@ class HeadConfig:
     qkv_bias: bool = False  # HF `attention_bias` (biases on q/k/v and, as in DFlash, on o_proj)
     attention_impl: str = "auto"
     dtype: str = "float32"
+    # K: the head drafts over a table of K target ids (params["d2t"], K,) instead of the whole
+    # vocabulary, so its output projection costs K / vocab_size of the full one. None: all ids.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self):
         if not self.target_layer_ids:
@@ -79,6 +82,8 @@ class HeadConfig:
             )
         if self.block_size < 2:
             raise ValueError(f"block_size={self.block_size} must be at least 2 (root + one draft)")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size={self.draft_vocab_size} must lie in 1..vocab_size={self.vocab_size}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")
 
@@ -188,6 +193,20 @@ def init_head_params(cfg: HeadConfig, key: jax.Array):
     positions = jnp.zeros((1, 1), jnp.int32)
     cache = init_head_cache(cfg, 1, 2)
     return DraftHead(cfg).init(key, features, embeddings, positions, cache, method=_touch_all)["params"]
+
+
+def check_draft_vocab(d2t, head: HeadConfig, where: str) -> None:
+    """One-line UserError unless d2t (host array) is K distinct target ids inside the vocabulary."""
+    import numpy as np
+
+    d2t = np.asarray(d2t)
+    k = head.draft_vocab_size
+    if d2t.ndim != 1 or len(d2t) != k:
+        raise UserError(f"{where}: draft vocabulary table d2t has shape {d2t.shape}, the config says ({k},)")
+    if len(d2t) and not (d2t.min() >= 0 and d2t.max() < head.vocab_size):
+        raise UserError(f"{where}: d2t holds ids outside the target's vocabulary 0..{head.vocab_size - 1}")
+    if len(np.unique(d2t)) != len(d2t):
+        raise UserError(f"{where}: d2t repeats target ids (a draft vocabulary lists each id once)")
 
 
 def check_head_fits(head: HeadConfig, target: ModelConfig) -> None:

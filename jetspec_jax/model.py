@@ -69,6 +69,14 @@ class Transformer(nn.Module):
         return logits, features, cache
 
 
+def output_rows(config: ModelConfig, params, ids) -> jax.Array:
+    """Rows of the LM head for the token ids `ids` (K,) -> (K, d): `h @ rows.T` are the logits
+    of those ids (the draft vocabulary of a reduced-vocabulary head)."""
+    if config.tie_embeddings:
+        return jnp.take(params["embed"]["embedding"], ids, axis=0)
+    return jnp.take(params["lm_head"]["kernel"], ids, axis=1).T
+
+
 def init_cache(config: ModelConfig, batch: int, capacity: int) -> KVCache:
     return KVCache.init(config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim,
                         jnp.dtype(config.dtype))

@@ -51,6 +51,7 @@ PARAM_AXES = {
     ("gate_up_proj", "kernel"): ("embed", None, "mlp"),  # (d, 2, F)
     ("down_proj", "kernel"): ("mlp", "embed"),
     ("fc", "kernel"): ("features", "embed"),  # the head's tap projection, taps*d -> d
+    ("d2t",): (None,),  # a reduced-vocabulary head's draft ids (K,) int32: replicated
     ("input_norm", "scale"): ("embed",),
     ("post_attn_norm", "scale"): ("embed",),
     ("final_norm", "scale"): ("embed",),
@@ -213,7 +214,7 @@ def state_shardings(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> Dec
         head_cache = _cache_shardings(state.head_cache, config.head, mesh)
     return DecodeState(
         target_cache=_cache_shardings(state.target_cache, config.target, mesh),
-        head_cache=head_cache, root=rows, tokens=rows, num_new=rows, max_new=rows, done=rows,
+        head_cache=head_cache, root=rows, tokens=rows, history=rows, num_new=rows, max_new=rows, done=rows,
         rounds=rows, accept_lengths=rows,
         sampling=SamplingParams(temperature=rows, top_k=rows, top_p=rows, key=rows,
                                 stop_ids=NamedSharding(mesh, P())),

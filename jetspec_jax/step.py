@@ -19,7 +19,8 @@ from jetspec_jax.accept import accept
 from jetspec_jax.cache import KVCache, commit_rows
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.head import DraftHead, HeadConfig
-from jetspec_jax.model import Transformer
+from jetspec_jax.lookup import lookup_continuations
+from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.sampling import sample_tokens
 from jetspec_jax.tree import Tree, TreeConfig, build_tree
 
@@ -82,6 +83,7 @@ class DecodeState:
     head_cache: KVCache | None  # the head's context K/V for the same c positions
     root: jax.Array  # (B,) int32: last committed token, at position c, in no cache yet
     tokens: jax.Array  # (B, S) int32: generated tokens, [0, num_new) valid
+    history: jax.Array  # (B, S) int32: prompt then generated tokens by position, [0, c] valid (root at c)
     num_new: jax.Array  # (B,) int32
     max_new: jax.Array  # (B,) int32
     done: jax.Array  # (B,) bool
@@ -138,9 +140,30 @@ def draft_logits(params, root, head_cache: KVCache, config: DecodeConfig):
     hidden, head_cache = DraftHead(head_cfg).apply(
         {"params": params["head"]}, embeddings, positions, head_cache)
     # Row j of the block predicts the token at position c + j: rows 1..D are the draft depths.
-    logits = target.apply({"params": params["target"]}, hidden[:, 1 : 1 + config.depth],
-                          method=Transformer.logits)
+    rows = hidden[:, 1 : 1 + config.depth]
+    if head_cfg.draft_vocab_size is None:
+        logits = target.apply({"params": params["target"]}, rows, method=Transformer.logits)
+    else:  # logits over the K draft ids only (draft id i is target id d2t[i])
+        table = draft_table(params, config)
+        logits = jax.lax.dot_general(rows.astype(table.dtype), table, (((2,), (1,)), ((), ())))
+        logits = logits.astype(jnp.float32)
     return logits, head_cache
+
+
+def draft_table(params, config: DecodeConfig):
+    """(K, d) LM-head rows of a reduced-vocabulary head's draft ids: `params["draft_table"]` when
+    the caller built it once (`with_draft_table`, as `decode` does outside its loop), else
+    gathered here."""
+    if "draft_table" in params:
+        return params["draft_table"]
+    return output_rows(config.target, params["target"], params["head"]["d2t"])
+
+
+def with_draft_table(params, config: DecodeConfig):
+    """params plus "draft_table" when the head drafts over a reduced vocabulary (else unchanged)."""
+    if config.head is None or config.head.draft_vocab_size is None or "draft_table" in params:
+        return params
+    return {**params, "draft_table": draft_table(params, config)}
 
 
 def draft_tree(params, state: DecodeState, config: DecodeConfig):
@@ -148,7 +171,22 @@ def draft_tree(params, state: DecodeState, config: DecodeConfig):
     if config.head is None:
         return root_only_tree(state.root), state.head_cache
     logits, head_cache = draft_logits(params, state.root, state.head_cache, config)
-    return build_tree(state.root, logits, config.tree), head_cache
+    return tree_from_logits(params, state, logits, config), head_cache
+
+
+def tree_from_logits(params, state: DecodeState, logits, config: DecodeConfig) -> Tree:
+    """The draft tree of this round from the head's logits (B, D, V or K), with the prompt-lookup
+    branch when `config.tree.lookup` > 0; tokens are target ids."""
+    # A reduced-vocabulary head's logit column v is target id d2t[v].
+    column_ids = None if config.head.draft_vocab_size is None else params["head"]["d2t"]
+    forced = None
+    if config.tree.lookup:  # a continuation copied from the text so far, else the head's greedy chain
+        found, copied = lookup_continuations(state.history, state.target_cache.lengths, config.tree.lookup)
+        greedy = jnp.argmax(logits[:, : config.tree.lookup], axis=-1).astype(jnp.int32)
+        if column_ids is not None:
+            greedy = jnp.take(column_ids, greedy).astype(jnp.int32)
+        forced = jnp.where(found[:, None], copied, greedy)
+    return build_tree(state.root, logits, config.tree, forced, column_ids)
 
 
 def target_tokens(logits, state: DecodeState, config: DecodeConfig):
@@ -180,6 +218,13 @@ def emitted_count(emitted, num_accepted, state: DecodeState):
 def write_at(buffer, values, start):
     """buffer (B, S); values (B, T); start (B,) -> buffer with values at [start, start+T) per row."""
     return jax.vmap(lambda b, v, s: jax.lax.dynamic_update_slice(b, v, (s,)))(buffer, values, start)
+
+
+def write_dropping(buffer, values, start):
+    """write_at, but values that would land past the buffer's end are dropped (write_at clamps the
+    start instead, which would move them onto earlier slots)."""
+    idx = start[:, None] + jnp.arange(values.shape[1], dtype=jnp.int32)[None, :]
+    return jax.vmap(lambda b, i, v: b.at[i].set(v, mode="drop"))(buffer, idx, values)
 
 
 def speculative_step(params, state: DecodeState, config: DecodeConfig):
@@ -237,6 +282,7 @@ def commit(params, state: DecodeState, tree: Tree, logits, features, config: Dec
         head_cache=head_cache,
         root=jnp.where(count > 0, last, state.root),
         tokens=write_at(state.tokens, acc.emitted, state.num_new),
+        history=write_dropping(state.history, acc.emitted, c + 1),
         num_new=state.num_new + count,
         done=state.done | finished,
         rounds=state.rounds + active.astype(jnp.int32),

@@ -48,6 +48,22 @@ plus the best of the rest. This order also never puts a child before its parent,
 search is exact.
 
 "chain" is width 1: the path of each depth's argmax (DFlash-style linear block), first N-1 depths.
+
+Forced path (prompt lookup, `lookup = L`): a chain of L given tokens p_1..p_L (see lookup.py)
+takes nodes 1..L (root -> p_1 -> ... -> p_L); the head's nodes fill the other N-1-L slots. A head
+node whose path spells a prefix of the forced path is already in the tree, so it is not chosen
+again (siblings stay distinct, which sampling needs), but its children are: their parent becomes
+the forced node of the same depth. The head's nodes are then the best N-1-L of the others, an
+exact choice by the same beam search (a forced node sits in every beam it could be in, since it
+would be the best there; a node it pushes out of a beam could not be among the best N-1-L).
+Example (L = 2, forced "x y", W = 2, N = 5), head top-2 per depth: depth 1 "x" -0.1, "a" -2.4;
+depth 2 "y" -0.2, "b" -1.9. Head nodes by score: x (forced), x y (forced), x b -2.0, a -2.4, ...
+    node    0     1     2     3     4
+    token   root  x     y     b     a
+    parent  -1    0     1     1     0
+
+Column ids: draft logits over a reduced vocabulary have column v for target id `column_ids[v]`;
+the tree's tokens are target ids either way.
 """
 
 from __future__ import annotations
@@ -75,6 +91,7 @@ class TreeConfig:
     kind: str = "best_first"
     gap_beta: float = 1.0  # top2gap: sigmoid slope
     gap_center: float = 1.0  # top2gap: gap (nats) at which the cap is W/2
+    lookup: int = 0  # L: nodes 1..L are a forced chain (prompt lookup, see lookup.py); 0: off
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -90,6 +107,9 @@ class TreeConfig:
                 raise ValueError(f"top2gap needs width >= 2 (a rank-2 token), got {self.width}")
             if not (np.isfinite(self.gap_beta) and np.isfinite(self.gap_center)):
                 raise ValueError("top2gap gap_beta and gap_center must be finite")
+        if not 0 <= self.lookup < self.budget or self.lookup > self.depth:
+            raise ValueError(f"tree lookup {self.lookup} must be below the budget {self.budget} "
+                             f"and at most the depth {self.depth}")
         available = sum(self.width**d for d in range(1, self.depth + 1))
         if self.budget - 1 > available:
             raise ValueError(
@@ -114,18 +134,34 @@ class Tree:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def build_tree(root: jax.Array, draft_logits: jax.Array, cfg: TreeConfig) -> Tree:
-    """root (B,) int32, draft_logits (B, D, V) -> Tree with N = cfg.budget nodes per row."""
+def build_tree(root: jax.Array, draft_logits: jax.Array, cfg: TreeConfig, forced=None,
+               column_ids=None) -> Tree:
+    """root (B,) int32, draft_logits (B, D, V) -> Tree with N = cfg.budget nodes per row.
+
+    forced (B, L) int32 target ids, the forced chain when cfg.lookup = L > 0 (None: the head's
+    own greedy chain stands in). column_ids (V,) int32: the target id of each logit column
+    (None: the column index itself).
+    """
     B, D, V = draft_logits.shape
     reach = min(cfg.depth, cfg.budget - 1)  # no node of N lies deeper than N - 1
     if not reach <= D <= cfg.depth:
         raise ValueError(f"draft_logits have {D} depths, tree config expects {reach} to {cfg.depth}")
     if cfg.width > V:
         raise ValueError(f"tree width {cfg.width} exceeds vocabulary size {V}")
-    if cfg.budget == 1 or cfg.kind == "chain":
+    ids = (lambda t: t) if column_ids is None else (lambda t: jnp.take(column_ids, t).astype(jnp.int32))  # noqa: E731
+    if cfg.lookup:
+        if forced is None:  # no lookup proposal: the head's greedy chain
+            forced = ids(jnp.argmax(draft_logits[:, : cfg.lookup], axis=-1).astype(jnp.int32))
+        if forced.shape != (B, cfg.lookup):
+            raise ValueError(f"forced chain has shape {forced.shape}, expected {(B, cfg.lookup)}")
+        row = functools.partial(_forced_row, cfg=cfg, ids=ids)
+        tokens, parents = jax.vmap(row)(root, draft_logits, forced.astype(jnp.int32))
+    elif cfg.budget == 1 or cfg.kind == "chain":
         tokens, parents = jax.vmap(functools.partial(_chain_row, cfg=cfg))(root, draft_logits)
+        tokens = tokens.at[:, 1:].set(ids(tokens[:, 1:]))
     else:
         tokens, parents = jax.vmap(functools.partial(_tree_row, cfg=cfg))(root, draft_logits)
+        tokens = tokens.at[:, 1:].set(ids(tokens[:, 1:]))
     depths, mask = jax.vmap(functools.partial(_depths_and_mask, max_depth=cfg.depth))(parents)
     return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask)
 
@@ -193,9 +229,47 @@ def _tree_row(root, logits, cfg):
     return tokens, jnp.concatenate([jnp.array([-1], jnp.int32), parents.astype(jnp.int32)])
 
 
-def _beam_search(top_logp, over_cap, k, capped):
+def _forced_row(root, logits, forced, cfg, ids):
+    """(), (D, V), (L,) -> tokens (N,) target ids, parents (N,): the forced chain in nodes 1..L,
+    then the best N-1-L head nodes that are not on it (see the module docstring)."""
+    n, lookup = cfg.budget, cfg.lookup
+    logits = logits[: min(cfg.depth, n - 1)].astype(jnp.float32)
+    width = 1 if cfg.kind == "chain" else cfg.width
+    top_logit, top_tok = top_tokens(logits, width)  # (D, W)
+    top_logp = jnp.maximum(top_logit - jax.nn.logsumexp(logits, axis=-1, keepdims=True), _LOGP_FLOOR)
+    capped = cfg.kind == "top2gap"
+    over_cap = jnp.zeros(top_logp.shape, bool)
+    if capped:
+        over_cap = jnp.arange(width)[None, :] >= fanout_caps(top_logp, cfg)[:, None]
+    top_ids = ids(top_tok)
+    d = top_ids.shape[0]
+    path = jnp.full((d,), -1, jnp.int32).at[:lookup].set(forced[: min(lookup, d)])
+    on_path_tok = top_ids == path[:, None]  # (D, W): the rank spelling the forced token there
+    k = n - 1
+    beam = _beam_search(top_logp, over_cap, k, capped, on_path_tok)
+    free = n - 1 - lookup
+    head_tokens = jnp.zeros((0,), jnp.int32)
+    head_parents = jnp.zeros((0,), jnp.int32)
+    if free:
+        score = jnp.where(beam["forced"], -jnp.inf, beam["score"]).reshape(-1)
+        over = (beam["over"] | beam["forced"]).reshape(-1)
+        chosen, _ = _best_k(score, over, free, capped)
+        depth = chosen // k + 1
+        parent_entry = (depth - 2) * k + beam["parent"].reshape(-1)[chosen]
+        slot = jnp.zeros(beam["score"].size, jnp.int32).at[chosen].set(jnp.arange(lookup + 1, n))
+        parent_forced = beam["forced"].reshape(-1)[jnp.maximum(parent_entry, 0)]
+        head_parents = jnp.where(depth > 1, jnp.where(parent_forced, depth - 1,
+                                                      slot[jnp.maximum(parent_entry, 0)]), 0)
+        head_tokens = top_ids[depth - 1, beam["rank"].reshape(-1)[chosen]]
+    tokens = jnp.concatenate([root[None].astype(jnp.int32), forced[:lookup], head_tokens.astype(jnp.int32)])
+    parents = jnp.concatenate([jnp.arange(-1, lookup, dtype=jnp.int32), head_parents.astype(jnp.int32)])
+    return tokens, parents
+
+
+def _beam_search(top_logp, over_cap, k, capped, on_path_tok=None):
     """The k best nodes at each depth. top_logp (D, W), over_cap (D, W) -> dict of (D, k) arrays:
-    score, over (some rank beyond its cap), parent (position in the previous depth's beam), rank.
+    score, over (some rank beyond its cap), parent (position in the previous depth's beam), rank,
+    and with on_path_tok (D, W) bool, forced (the entry spells the forced path so far).
 
     Beams have a fixed size k so one `scan` step serves every depth; entries that do not exist yet
     (depth 1 has only W nodes) carry score -inf and over=True, so they sort after every real node.
@@ -203,20 +277,25 @@ def _beam_search(top_logp, over_cap, k, capped):
     width = top_logp.shape[1]
     score0 = jnp.full((k,), -jnp.inf).at[0].set(0.0)  # the root alone
     over0 = jnp.arange(k) > 0
+    forced0 = jnp.arange(k) == 0  # the root is on the forced path
+    if on_path_tok is None:
+        on_path_tok = jnp.zeros(top_logp.shape, bool)
 
     def step(carry, depth_in):
-        score, over = carry  # (k,) each
-        logp, cap = depth_in  # (W,) each
+        score, over, forced = carry  # (k,) each
+        logp, cap, on_path = depth_in  # (W,) each
         # Candidates laid out parent-major, rank-minor, so index order = (parent order, rank).
         cand_score = (score[:, None] + logp[None, :]).reshape(-1)
         cand_over = (over[:, None] | cap[None, :]).reshape(-1)
+        cand_forced = (forced[:, None] & on_path[None, :]).reshape(-1)
         idx, real = _best_k(cand_score, cand_over, k, capped)
         score = jnp.where(real, cand_score[idx], -jnp.inf)
         over = cand_over[idx] | ~real
-        out = dict(score=score, over=over, parent=idx // width, rank=idx % width)
-        return (score, over), out
+        forced = cand_forced[idx] & real
+        out = dict(score=score, over=over, parent=idx // width, rank=idx % width, forced=forced)
+        return (score, over, forced), out
 
-    _, beam = lax.scan(step, (score0, over0), (top_logp, over_cap))
+    _, beam = lax.scan(step, (score0, over0, forced0), (top_logp, over_cap, on_path_tok))
     return beam
 
 

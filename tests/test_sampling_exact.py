@@ -66,10 +66,10 @@ def processed_probs(logits, temperature, top_k, top_p):
     return p
 
 
-def exact_distribution(params, temperature, top_k, top_p):
-    """P(t1, t2, t3) for all V^3 continuations of PROMPT, from full target forwards."""
+def exact_distribution(params, temperature, top_k, top_p, prompt=PROMPT):
+    """P(t1, t2, t3) for all V^3 continuations of `prompt`, from full target forwards."""
     pairs = np.array([(a, b) for a in range(V) for b in range(V)])
-    seqs = np.concatenate([np.tile(PROMPT, (len(pairs), 1)), pairs], axis=1)
+    seqs = np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1)
     n, t = seqs.shape
     logits, _, _ = Transformer(TARGET).apply(
         {"params": params["target"]}, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(t), (n, t)),
@@ -77,20 +77,20 @@ def exact_distribution(params, temperature, top_k, top_p):
     logits = np.asarray(logits)
     dist = np.zeros((V, V, V))
     for i, (a, b) in enumerate(pairs):
-        p1 = processed_probs(logits[i, len(PROMPT) - 1], temperature, top_k, top_p)[a]
-        p2 = processed_probs(logits[i, len(PROMPT)], temperature, top_k, top_p)[b]
-        dist[a, b] = p1 * p2 * processed_probs(logits[i, len(PROMPT) + 1], temperature, top_k, top_p)
+        p1 = processed_probs(logits[i, len(prompt) - 1], temperature, top_k, top_p)[a]
+        p2 = processed_probs(logits[i, len(prompt)], temperature, top_k, top_p)[b]
+        dist[a, b] = p1 * p2 * processed_probs(logits[i, len(prompt) + 1], temperature, top_k, top_p)
     assert np.isclose(dist.sum(), 1.0)
     return dist.reshape(-1)
 
 
-def sampled_counts(params, temperature, top_k, top_p):
-    config = DecodeConfig(target=TARGET, head=HEAD, tree=TreeConfig(budget=8, width=3, depth=3),
-                          sample=True)
+def sampled_counts(params, temperature, top_k, top_p, head=HEAD, prompt=PROMPT,
+                   tree=TreeConfig(budget=8, width=3, depth=3)):
+    config = DecodeConfig(target=TARGET, head=head, tree=tree, sample=True)
     counts = np.zeros(V ** 3, np.int64)
     accepted = []
     for call in range(CALLS):
-        state = start(params, [PROMPT] * ROWS, config, max_new_tokens=3, temperature=temperature,
+        state = start(params, [prompt] * ROWS, config, max_new_tokens=3, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=np.arange(ROWS) + call * ROWS)
         state = decode(params, state, jnp.int32(3), config=config)
         tokens = np.asarray(state.tokens[:, :3])
@@ -119,6 +119,25 @@ def test_speculative_sampling_matches_exact_distribution(params, temperature, to
     assert counts.sum() >= 200_000
     assert np.mean(first_round > 1) > 0.2  # drafts really are accepted: the tree path is exercised
     assert chi_square_p(counts, exact_distribution(params, temperature, top_k, top_p)) > 1e-3
+
+
+def test_reduced_vocabulary_head_samples_exactly(params):
+    """A head drafting over 5 of the 8 ids (never ids 0, 3, 6): the output is still the target's."""
+    head = HEAD.replace(draft_vocab_size=5)
+    reduced = {**params, "head": {**params["head"], "d2t": jnp.array([7, 2, 5, 1, 4], jnp.int32)}}
+    counts, first_round = sampled_counts(reduced, 1.0, 0, 1.0, head=head)
+    assert np.mean(first_round > 1) > 0.2
+    assert chi_square_p(counts, exact_distribution(params, 1.0, 0, 1.0)) > 1e-3
+
+
+def test_prompt_lookup_samples_exactly(params):
+    """A prompt that repeats itself, so the lookup branch ("2 1 4" after "1 4") is proposed and
+    often accepted next to the head's nodes."""
+    prompt = [1, 4, 2, 1, 4]
+    tree = TreeConfig(budget=8, width=3, depth=3, lookup=2)
+    counts, first_round = sampled_counts(params, 1.0, 0, 1.0, prompt=prompt, tree=tree)
+    assert np.mean(first_round > 1) > 0.2
+    assert chi_square_p(counts, exact_distribution(params, 1.0, 0, 1.0, prompt=prompt)) > 1e-3
 
 
 def test_biased_acceptance_is_detected(params, monkeypatch):

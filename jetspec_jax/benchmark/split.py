@@ -25,7 +25,6 @@ import jax
 from jetspec_jax import step
 from jetspec_jax.decode import results, start
 from jetspec_jax.step import DecodeConfig
-from jetspec_jax.tree import build_tree
 from jetspec_jax.benchmark.measure import count_compiles
 
 STAGES = ("draft", "tree", "verify", "commit")
@@ -40,9 +39,11 @@ commit_stage = jax.jit(lambda *a, config: step.commit(*a, config)[0], static_arg
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def make_tree(root, logits, config: DecodeConfig):
-    """`build_tree`, or AR's one-node tree when there is no draft."""
-    return step.root_only_tree(root) if config.tree is None else build_tree(root, logits, config.tree)
+def make_tree(params, state, logits, config: DecodeConfig):
+    """`step.tree_from_logits` (`build_tree`), or AR's one-node tree when there is no draft."""
+    if config.tree is None:
+        return step.root_only_tree(state.root)
+    return step.tree_from_logits(params, state, logits, config)
 
 
 def _round(params, state, config: DecodeConfig, seconds: dict):
@@ -55,7 +56,7 @@ def _round(params, state, config: DecodeConfig, seconds: dict):
             draft_stage(params, state.root, state.head_cache, config=config))
         state = state.replace(head_cache=head_cache)
         t1 = clock()
-    tree = jax.block_until_ready(make_tree(state.root, logits, config))
+    tree = jax.block_until_ready(make_tree(params, state, logits, config=config))
     t2 = clock()
     v_logits, features, cache = jax.block_until_ready(
         verify_stage(params, state.target_cache, tree, config=config))
@@ -108,6 +109,7 @@ class Split:
 
 def split_prompt(params, ids, config: DecodeConfig, *, max_new_tokens, stop_ids, expected_ids) -> Split:
     """Instrumented rounds for one prompt, after an untimed warm-up round on a fresh state."""
+    params = step.with_draft_table(params, config)  # as `decode` does once per call
     begin = lambda: start(params, [ids], config, max_new_tokens=max_new_tokens, stop_ids=stop_ids)  # noqa: E731
     _round(params, begin(), config, dict.fromkeys(STAGES, 0.0))  # compiles the stages
     out = Split()

@@ -18,6 +18,10 @@ Neither present -> bidirectional, as `dflash` does. `save_head_dir` writes both.
 
 Tensors other than the head's are refused (a different architecture, e.g. DFlash2, would
 otherwise load silently wrong), except rotary `inv_freq` buffers that older exports carry.
+
+A reduced-vocabulary head (`draft_vocab_size: K` in config.json) also stores `d2t`, (K,) integer
+target ids: the head's logits cover those ids only. It must list K distinct ids inside the target's
+vocabulary (else a one-line UserError). Heads without it draft over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from safetensors.flax import save_file
 
 from jetspec_jax import layout
 from jetspec_jax.errors import UserError
-from jetspec_jax.head import HeadConfig, init_head_params
+from jetspec_jax.head import HeadConfig, check_draft_vocab, init_head_params
 
 CONFIG_FILE = "config.json"
+# Draft vocabulary of a reduced-vocabulary head: (K,) absolute target ids, draft id i -> d2t[i]
+# (EAGLE-3 names the same table d2t but stores offsets d2t[i] - i).
+D2T = "d2t"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -116,6 +123,7 @@ def head_config_from_hf(raw: dict, dtype: str = "float32") -> HeadConfig:
             causal=_causal_flag(raw), rope_theta=_rope_theta(raw),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             qkv_bias=bool(raw.get("attention_bias", False)), dtype=dtype,
+            draft_vocab_size=None if raw.get("draft_vocab_size") is None else int(raw["draft_vocab_size"]),
         )
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
@@ -151,6 +159,7 @@ def head_config_to_hf(cfg: HeadConfig) -> dict:
             "causal_head": cfg.causal,
             "block_size": cfg.block_size,
         },
+        **({} if cfg.draft_vocab_size is None else {"draft_vocab_size": cfg.draft_vocab_size}),
     }
 
 
@@ -200,19 +209,35 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(path: Path, dtype) -> dict:
-    """All tensors of the head directory as {torch name: jax array of `dtype`}."""
+    """All tensors of the head directory as {torch name: jax array of `dtype`} (the draft
+    vocabulary table `d2t` stays integer)."""
     tensors = {}
     for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="flax") as f:
                 for name in f.keys():
-                    tensors[name] = f.get_tensor(name).astype(dtype)
+                    t = f.get_tensor(name)
+                    tensors[name] = t.astype(jnp.int32) if name == D2T else t.astype(dtype)
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: unreadable safetensors ({str(e).splitlines()[0]})") from None
     return tensors
 
 
 def _params_from_tensors(cfg: HeadConfig, tensors: dict, source: Path) -> dict:
+    tensors = dict(tensors)
+    d2t = tensors.pop(D2T, None)
+    if (d2t is None) != (cfg.draft_vocab_size is None):
+        raise UserError(f"{source}: config draft_vocab_size {cfg.draft_vocab_size} but "
+                        f"{'no' if d2t is None else 'a'} {D2T} tensor")
+    if d2t is not None:
+        if not jnp.issubdtype(d2t.dtype, jnp.integer):
+            raise UserError(f"{source}: {D2T} must hold integer token ids")
+        check_draft_vocab(jax.device_get(d2t), cfg, str(source))
+    params = _weights_from_tensors(cfg, tensors, source)
+    return params if d2t is None else {**params, "d2t": d2t}
+
+
+def _weights_from_tensors(cfg: HeadConfig, tensors: dict, source: Path) -> dict:
     expected = _expected(cfg)
     names = {_hf_name(p): p for p in expected}
     missing = sorted(set(names) - set(tensors))
@@ -265,11 +290,17 @@ def load_head_dir(path, dtype: str = "float32") -> tuple[HeadConfig, dict]:
 
 
 def _write(directory: Path, cfg: HeadConfig, params: dict) -> None:
+    params = dict(params)
+    d2t = params.pop("d2t", None)
+    if (d2t is None) != (cfg.draft_vocab_size is None):
+        raise ValueError("a reduced-vocabulary head needs params['d2t'] and only such a head has one")
     fused = layout.flatten(params)
     if {p: v.shape for p, v in fused.items()} != {p: v.shape for p, v in _param_shapes(cfg).items()}:
         raise ValueError("params do not match the head config (names or shapes differ)")
     got = {tuple(name.split("/")): leaf for name, leaf in layout.split(fused, *_heads(cfg)).items()}
     tensors = {_hf_name(p): (v.T if p[-1] == "kernel" else jnp.asarray(v)) for p, v in got.items()}
+    if d2t is not None:
+        tensors[D2T] = jnp.asarray(d2t, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(head_config_to_hf(cfg), indent=2) + "\n")
 

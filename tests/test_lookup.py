@@ -1,0 +1,145 @@
+"""Prompt lookup: the n-gram match equals a host search, the forced branch joins the tree exactly
+(brute force), and decoding with it stays lossless, greedy and sampled."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jetspec_jax.decode import generate
+from jetspec_jax.lookup import NGRAM_SIZES, lookup_continuations
+from jetspec_jax.step import DecodeConfig
+from jetspec_jax.tree import TreeConfig, build_tree
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_tree import assert_structure, host_per_depth, near_tie  # noqa: E402
+
+
+def host_lookup(history, c, length):
+    """Latest earlier occurrence of the last n tokens (longest n first); its continuation,
+    repeating the period where it runs into the root."""
+    for n in NGRAM_SIZES:
+        if c < n - 1:
+            continue
+        suffix = list(history[c - n + 1 : c + 1])
+        for j in range(c - 1, n - 2, -1):
+            if list(history[j - n + 1 : j + 1]) == suffix:
+                period = c - j
+                return True, [history[j + 1 + k % period] for k in range(length)]
+    return False, None
+
+
+def test_lookup_matches_host_search():
+    rng = np.random.default_rng(0)
+    rows, s = 200, 40
+    history = rng.integers(0, 4, size=(rows, s)).astype(np.int32)  # 4 symbols: many matches
+    history[::7] = np.arange(s) % 5  # loops of period 5
+    c = rng.integers(0, s, size=rows).astype(np.int32)
+    found, cont = jax.device_get(lookup_continuations(jnp.asarray(history), jnp.asarray(c), 4))
+    for r in range(rows):
+        want_found, want = host_lookup(history[r], int(c[r]), 4)
+        assert bool(found[r]) == want_found, r
+        if want_found:
+            assert cont[r].tolist() == want, r
+
+
+def host_forced_tree(logits, forced, cfg):
+    """Token paths of the best N-1-L head nodes that do not spell a prefix of the forced chain."""
+    order, top_lp, _ = host_per_depth(logits, cfg)
+    lookup = len(forced)
+    keys = []
+    for d in range(1, cfg.depth + 1):
+        for ranks in itertools.product(range(cfg.width), repeat=d):
+            path = tuple(int(order[e, r]) for e, r in enumerate(ranks))
+            if d <= lookup and list(path) == list(forced[:d]):
+                continue  # already in the tree as a forced node
+            keys.append((-sum(top_lp[e, r] for e, r in enumerate(ranks)), d, ranks, path))
+    return sorted(keys)[: cfg.budget - 1 - lookup]
+
+
+def device_paths(tokens, parents):
+    paths = [()]
+    for i in range(1, len(tokens)):
+        paths.append(paths[parents[i]] + (int(tokens[i]),))
+    return paths
+
+
+@pytest.mark.parametrize("n,w,d,lookup", [(8, 4, 4, 3), (16, 4, 5, 4), (6, 3, 5, 5), (9, 2, 6, 2)])
+def test_forced_branch_joins_the_best_head_nodes(n, w, d, lookup):
+    rng = np.random.default_rng(n * 100 + lookup)
+    rows, vocab = 24, 12
+    logits = (rng.normal(size=(rows, d, vocab)) * 2).astype(np.float32)
+    cfg = TreeConfig(budget=n, width=w, depth=d, lookup=lookup)
+    forced = rng.integers(0, vocab, size=(rows, lookup)).astype(np.int32)
+    for r in range(0, rows, 3):  # some rows copy the head's own greedy path (a full overlap)
+        forced[r] = np.argmax(logits[r, :lookup], axis=-1)
+    roots = np.arange(rows) % vocab
+    tree = jax.device_get(build_tree(jnp.asarray(roots, jnp.int32), jnp.asarray(logits), cfg, jnp.asarray(forced)))
+    assert_structure(tree, roots, max(w, 1) + 1)  # a forced node may add one sibling to W head ones
+    for r in range(rows):
+        tokens, parents = tree.tokens[r], tree.parents[r]
+        np.testing.assert_array_equal(tokens[1 : lookup + 1], forced[r])
+        np.testing.assert_array_equal(parents[1 : lookup + 1], np.arange(lookup))
+        paths = device_paths(tokens, parents)
+        assert len(set(paths)) == n  # no path twice: siblings are distinct
+        expected = host_forced_tree(logits[r], forced[r], cfg)
+        got = paths[lookup + 1 :]
+        if sorted(got) != sorted(k[3] for k in expected):  # allowed only for near-tied scores
+            _, top_lp, _ = host_per_depth(logits[r], cfg)
+            order = host_per_depth(logits[r], cfg)[0]
+            score = {k[3]: -k[0] for k in expected}
+            worst = min(score.values())
+            for p in set(got) - set(score):
+                s = sum(top_lp[e, list(order[e]).index(t)] for e, t in enumerate(p))
+                assert abs(s - worst) <= near_tie(worst, d), (r, p)
+
+
+def test_chain_with_lookup_is_a_valid_tree():
+    logits = np.random.default_rng(3).normal(size=(5, 7, 20)).astype(np.float32)
+    cfg = TreeConfig(budget=8, width=1, depth=7, kind="chain", lookup=3)
+    forced = np.argmax(logits[:, :3], -1).astype(np.int32)
+    forced[1] = [4, 4, 4]
+    tree = jax.device_get(build_tree(jnp.zeros(5, jnp.int32), jnp.asarray(logits), cfg, jnp.asarray(forced)))
+    assert_structure(tree, [0] * 5, 2)
+    # row 0: the head's chain is the forced one: the head continues it from depth 4
+    np.testing.assert_array_equal(tree.parents[0], [-1, 0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(tree.tokens[0, 4:], np.argmax(logits[0, 3:7], -1))
+
+
+def test_lookup_config_is_checked():
+    with pytest.raises(ValueError, match="lookup"):
+        TreeConfig(budget=4, width=2, depth=3, lookup=4)
+    with pytest.raises(ValueError, match="lookup"):
+        TreeConfig(budget=8, width=2, depth=2, lookup=3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from test_speculative import HEAD, TARGET
+    from jetspec_jax.head import init_head_params
+    from jetspec_jax.model import init_params
+
+    params = {"target": init_params(TARGET, jax.random.PRNGKey(0)), "head": init_head_params(HEAD, jax.random.PRNGKey(1))}
+    return TARGET, HEAD, params
+
+
+@pytest.mark.parametrize("tree", [TreeConfig(budget=6, width=3, depth=5, lookup=3),
+                                  TreeConfig(budget=8, width=1, depth=7, kind="chain", lookup=4),
+                                  TreeConfig(budget=4, width=4, depth=3, lookup=3)])
+def test_lookup_is_lossless_and_copies_loops(setup, tree):
+    target, head, params = setup
+    prompts = [[5, 9, 2, 5, 9, 2, 5, 9], [7, 1, 3, 3, 8, 12, 40], [11]]
+    ar = generate({"target": params["target"]}, prompts, DecodeConfig(target=target), max_new_tokens=40)
+    out = generate(params, prompts, DecodeConfig(target=target, head=head, tree=tree), max_new_tokens=40)
+    assert [g.ids for g in out] == [g.ids for g in ar]
+    # A random tiny target falls into loops; lookup copies them, the random head cannot.
+    plain = generate(params, prompts, DecodeConfig(target=target, head=head, tree=TreeConfig(
+        budget=tree.budget, width=tree.width, depth=tree.depth, kind=tree.kind)), max_new_tokens=40)
+    rounds = lambda gens: sum(len(g.accept_lengths) for g in gens)  # noqa: E731
+    assert rounds(out) < rounds(plain)
