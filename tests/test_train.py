@@ -128,7 +128,8 @@ def test_chunked_vocab_loss_equals_full_projection(target, loss):
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     hidden, teacher = jax.random.normal(keys[0], (30, 32)), jax.random.normal(keys[1], (30, 32))
     labels = jax.random.randint(keys[2], (30,), 0, VOCAB)
-    got, correct = projected_loss(cfg, target.params, hidden, labels, teacher if loss == "kl" else None)
+    got, correct, has_loss = projected_loss(cfg, target.params, hidden, labels, teacher if loss == "kl" else None)
+    assert bool(jnp.all(has_loss))
     project = lambda h: Transformer(TARGET).apply({"params": target.params}, h, method=Transformer.logits)  # noqa: E731
     log_q = jax.nn.log_softmax(project(hidden))
     if loss == "ce":

@@ -15,7 +15,7 @@ import sys
 
 from jetspec_jax.errors import UserError
 
-STAGES = ("data", "train", "all")
+STAGES = ("data", "features", "train", "all")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jetspec_jax.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="training config YAML (see configs/)")
     p.add_argument("--stage", choices=STAGES, default="all",
-                   help="data: regenerate responses; train: train the head; all: both (default)")
+                   help="data: regenerate responses; features: cache the target's taps (needs a "
+                   "features section); train: train the head; all: each in turn (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -53,6 +54,21 @@ def run(argv=None) -> None:
         regenerate(model, kept, d.dir, batch_size=d.batch_size,
                    max_new_tokens=d.max_new_tokens, temperature=d.temperature, seed=d.seed,
                    manifest={"target": cfg.target, "prompt_sets": list(d.prompt_sets)}, progress=progress)
+    if args.stage in ("features", "all") and cfg.features is not None:
+        from jetspec_jax.train.features import CacheSpec, build_feature_cache
+        from jetspec_jax.train.shards import read_sequences
+
+        f = cfg.features
+        spec = CacheSpec(target=cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
+                         hidden_size=model.config.hidden_size)
+        bad = [i for i in f.taps if not 0 <= i < model.config.num_layers]
+        if bad:
+            raise UserError(f"features.taps {bad} outside the target's layers 0..{model.config.num_layers - 1}")
+        n = build_feature_cache(model, read_sequences(cfg.data.dir), f.dir, spec, shard_size=f.shard_size,
+                                batch_size=f.batch_size, limit=f.limit, progress=progress)
+        print(f"{n} sequences cached in {f.dir}", file=sys.stderr)
+    elif args.stage == "features":
+        raise UserError(f"{args.config} has no features section")
     if args.stage in ("train", "all"):
         train(cfg, model=model, progress=progress)
         print(f"head ({head_cfg.num_layers} layers, block {head_cfg.block_size}) saved to "

@@ -7,6 +7,7 @@
              max_prompt_tokens}
     head:   {num_layers, block_size, causal, mask_token_id, ...}  (unset shapes come from the target)
     train:  {output_dir, steps, batch_size, max_length, anchors_per_seq, loss, lr, ...}
+    features: {dir, taps, top_k, max_length, limit, ...}  (optional: train reads this cache)
 
 A config may start from another: `base: smollm2-135m-causal.yaml` (relative to the config's own
 folder) reads that file first, then this file's keys replace the base's one by one inside each
@@ -27,7 +28,8 @@ import yaml
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import check_training_sets
 
-SECTIONS = ("data", "head", "train")
+SECTIONS = ("data", "head", "train", "features")
+OPTIONAL_SECTIONS = ("features",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class HeadSection:
     head_dim: int | None = None
     intermediate_size: int | None = None
     target_layer_ids: tuple[int, ...] | None = None  # None: default_target_layer_ids
+    draft_vocab_size: int | None = None  # K: draft over the K most frequent answer tokens; None: all
     rope_theta: float | None = None
     rms_norm_eps: float | None = None
 
@@ -80,6 +83,20 @@ class TrainSection:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     vocab_chunk: int = 512  # rows per chunk of the vocabulary projection in the loss
+    val_every: int = 200  # steps between validation runs (with a feature cache; also at the end)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesSection:
+    """The feature cache (train/features.py): the frozen target's taps and top-k log-probs."""
+
+    dir: str
+    taps: tuple[int, ...]  # every layer any head trained from this cache may read
+    top_k: int = 8  # next-token log-probs kept per position (soft labels)
+    max_length: int = 768  # positions cached per sequence (train.max_length may not exceed it)
+    limit: int | None = None  # cache at most this many sequences (validation split first)
+    shard_size: int = 128  # sequences per shard (a killed build loses at most one shard)
+    batch_size: int = 4  # sequences per target forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +105,7 @@ class TrainConfig:
     data: DataConfig
     head: HeadSection
     train: TrainSection
+    features: FeaturesSection | None = None
     path: str = ""  # the YAML file it came from (for messages)
 
 
@@ -138,13 +156,14 @@ def parse_config(raw, path: str = "<config>") -> TrainConfig:
     if unknown:
         raise UserError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(('target',) + SECTIONS)})")
     for key in ("target",) + SECTIONS:
-        if key not in raw:
+        if key not in raw and key not in OPTIONAL_SECTIONS:
             raise UserError(f"{path}: {key}: missing required key")
     cfg = TrainConfig(
         target=_coerce(raw["target"], str, f"{path}: target"),
         data=_section(DataConfig, raw["data"], f"{path}: data"),
         head=_section(HeadSection, raw["head"], f"{path}: head"),
         train=_section(TrainSection, raw["train"], f"{path}: train"),
+        features=None if raw.get("features") is None else _section(FeaturesSection, raw["features"], f"{path}: features"),
         path=path,
     )
     _validate(cfg)
@@ -164,6 +183,17 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError(f"{where}: train.max_length must exceed head.block_size + 1")
     if not t.lr > 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:
         raise UserError(f"{where}: need train.lr > 0, 0 <= train.min_lr_ratio <= 1, train.warmup_steps >= 0")
+    f = cfg.features
+    if f is not None:
+        if not f.taps or f.top_k < 1 or f.shard_size < 1 or f.batch_size < 1 or f.max_length < 2:
+            raise UserError(f"{where}: need features.taps non-empty, features.top_k, shard_size, batch_size >= 1")
+        if f.limit is not None and f.limit < 1:
+            raise UserError(f"{where}: features.limit must be >= 1 (or unset)")
+        if t.max_length > f.max_length:
+            raise UserError(f"{where}: train.max_length {t.max_length} exceeds features.max_length {f.max_length}")
+        missing = sorted(set(cfg.head.target_layer_ids or ()) - set(f.taps))
+        if missing:
+            raise UserError(f"{where}: head.target_layer_ids {missing} are not in features.taps {list(f.taps)}")
     if cfg.data.max_prompt_tokens < 1:
         raise UserError(f"{where}: data.max_prompt_tokens must be >= 1")
     if cfg.data.max_new_tokens < 1 or cfg.data.batch_size < 1 or cfg.data.temperature < 0:

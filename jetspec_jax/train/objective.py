@@ -14,6 +14,10 @@ For a sequence x_0..x_{n-1} (prompt of length p, then the target's own response)
    exp(-(k-1)/gamma) with `loss_decay_gamma` (early depths decide the accepted length), or every
    depth the same when it is None.
 
+With a feature cache (features.py) the taps and the target's top-k next-token log-probs come
+from disk instead of step 1, and "kl" becomes cross-entropy to that top-k (renormalised). A
+reduced-vocabulary head projects onto its K draft ids only; a label outside them has no loss.
+
 The vocabulary projection runs in row chunks under `jax.checkpoint`, so at most
 `chunk x vocab` logits exist at once, in the forward and in the backward pass.
 """
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.head import HeadConfig
 from jetspec_jax.layers import RMSNorm
-from jetspec_jax.model import Transformer, init_cache
+from jetspec_jax.model import Transformer, init_cache, output_rows
 from jetspec_jax.train.anchor_head import AnchorHead
 
 
@@ -92,75 +96,118 @@ def _chunk_rows(x, chunk: int):
     return x.reshape(-1, chunk, *x.shape[1:])
 
 
-def projected_loss(cfg: ObjectiveConfig, target_params, hidden, labels, teacher=None):
-    """Per-row loss and top-1 hit through the target's LM head, `vocab_chunk` rows at a time.
+def projected_loss(cfg: ObjectiveConfig, target_params, hidden, labels, teacher=None, *, table=None,
+                   soft=None):
+    """Per-row loss and top-1 hit through the LM head, `vocab_chunk` rows at a time.
 
-    hidden (R, d) draft rows (head-normed); labels (R,) int32; teacher (R, d) target final-normed
-    rows for KL (else None) -> loss (R,) float32, correct (R,) bool (argmax == label).
+    hidden (R, d) draft rows (head-normed); labels (R,) int32 in the head's output ids (for a
+    reduced-vocabulary head draft ids, -1 for a label outside the draft vocabulary: no loss, never
+    a hit). Soft labels, one of: teacher (R, d) target final-normed rows (forward KL over the full
+    vocabulary), or soft = (ids (R, k) output ids or -1, logp (R, k)): the target's top-k
+    next-token log-probs, renormalised over the ids the head can output (cross-entropy to them).
+    table: (K, d) LM-head rows of the draft vocabulary, or None (the target's full LM head).
+    -> loss (R,) float32, correct (R,) bool (argmax == label), has_loss (R,) bool.
     """
     target = Transformer(cfg.target)
-    project = lambda h: target.apply({"params": target_params}, h[None], method=Transformer.logits)[0]  # noqa: E731
+    full = lambda h: target.apply({"params": target_params}, h[None], method=Transformer.logits)[0]  # noqa: E731
+    project = full if table is None else (
+        lambda h: jax.lax.dot_general(h, table, (((1,), (1,)), ((), ()))).astype(jnp.float32))
 
     @jax.checkpoint  # backward recomputes this chunk's logits instead of storing them
     def one_chunk(args):
-        h, y, t = args  # (C, d), (C,), (C, d) or None
-        logits = project(h)  # (C, V) float32
+        h, y, t, s_ids, s_logp = args  # (C, d), (C,), (C, d) or None, (C, k) or None, (C, k) or None
+        logits = project(h)  # (C, V or K) float32
         log_q = jax.nn.log_softmax(logits, axis=-1)
-        correct = jnp.argmax(logits, axis=-1) == y
-        if t is None:
-            loss = -jnp.take_along_axis(log_q, y[:, None], axis=-1)[:, 0]
-        else:
-            log_p = jax.nn.log_softmax(jax.lax.stop_gradient(project(t)), axis=-1)
-            loss = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-        return loss, correct
+        correct = (jnp.argmax(logits, axis=-1) == y) & (y >= 0)
+        if t is not None:
+            log_p = jax.nn.log_softmax(jax.lax.stop_gradient(full(t)), axis=-1)
+            return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), correct, jnp.ones_like(correct)
+        if s_ids is not None:
+            p = jnp.where(s_ids >= 0, jnp.exp(s_logp), 0.0)
+            mass = jnp.sum(p, axis=-1)
+            p = p / jnp.maximum(mass, 1e-30)[:, None]
+            picked = jnp.take_along_axis(log_q, jnp.maximum(s_ids, 0), axis=-1)
+            return -jnp.sum(p * picked, axis=-1), correct, mass > 0
+        loss = -jnp.take_along_axis(log_q, jnp.maximum(y, 0)[:, None], axis=-1)[:, 0]
+        return jnp.where(y >= 0, loss, 0.0), correct, y >= 0
 
     rows = labels.shape[0]
-    chunks = (_chunk_rows(hidden, cfg.vocab_chunk), _chunk_rows(labels, cfg.vocab_chunk),
-              None if teacher is None else _chunk_rows(teacher, cfg.vocab_chunk))
-    loss, correct = jax.lax.map(one_chunk, chunks)
-    return loss.reshape(-1)[:rows], correct.reshape(-1)[:rows]
+    chunk = lambda x: None if x is None else _chunk_rows(x, cfg.vocab_chunk)  # noqa: E731
+    s_ids, s_logp = soft if soft is not None else (None, None)
+    chunks = (chunk(hidden), chunk(labels), chunk(teacher), chunk(s_ids), chunk(s_logp))
+    loss, correct, has_loss = jax.lax.map(one_chunk, chunks)
+    return loss.reshape(-1)[:rows], correct.reshape(-1)[:rows], has_loss.reshape(-1)[:rows]
 
 
-def anchor_loss(head_params, target_params, tokens, lengths, prompt_lens, key, cfg: ObjectiveConfig):
-    """Mean loss over valid (anchor, depth) rows, and metrics.
+def anchor_hidden(head_params, target_params, tokens, lengths, prompt_lens, features, anchors, anchor_ok,
+                  cfg: ObjectiveConfig):
+    """The head's block rows for every anchor and what they must predict.
 
-    tokens (B, L) int32 right-padded; lengths, prompt_lens (B,) int32.
-    Returns (loss, {"loss", "acc" (Bs-1,) per-depth top-1 accuracy, "depth_loss" (Bs-1,) per-depth
-    mean loss, "depth_rows" (Bs-1,) valid rows per depth, "rows" valid row count}).
+    features (B, L, taps*d); anchors, anchor_ok (B, A) -> hidden (B, A, Bs-1, d) rows 1.. of each
+    block, labels (B, A, Bs-1) int32 target ids x_{a+k}, valid (B, A, Bs-1) bool (label inside the
+    sequence), label_pos (B, A, Bs-1) int32 (clipped into the sequence).
     """
     b, length = tokens.shape
     bs = cfg.head.block_size
-    features, final = jax.lax.stop_gradient(target_features(cfg, target_params, tokens))
-    anchors, anchor_ok = sample_anchors(key, lengths, prompt_lens, cfg.anchors_per_seq, length)
     a = anchors.shape[1]
-
     block = jnp.full((b, a, bs), cfg.head.mask_token_id, jnp.int32)
     block = block.at[:, :, 0].set(jnp.take_along_axis(tokens, anchors, axis=1))
     embed = Transformer(cfg.target).apply({"params": target_params}, block.reshape(b, a * bs),
                                           method=Transformer.embed).reshape(b, a, bs, -1)
     hidden = AnchorHead(cfg.head).apply({"params": head_params}, features, embed, anchors,
                                         method=AnchorHead.anchor_blocks)  # (B, A, Bs, d)
-
     label_pos = anchors[..., None] + jnp.arange(1, bs, dtype=jnp.int32)  # (B, A, Bs-1)
     valid = anchor_ok[..., None] & (label_pos < lengths[:, None, None])
     safe_pos = jnp.minimum(label_pos, length - 1)
-    labels = jnp.take_along_axis(tokens, safe_pos.reshape(b, -1), axis=1)  # (B, A*(Bs-1))
-    teacher = None
+    labels = jnp.take_along_axis(tokens, safe_pos.reshape(b, -1), axis=1).reshape(b, a, bs - 1)
+    return hidden[:, :, 1:], labels, valid, safe_pos
+
+
+def anchor_loss(head_params, target_params, tokens, lengths, prompt_lens, key, cfg: ObjectiveConfig,
+                cached=None, vocab=None):
+    """Mean loss over valid (anchor, depth) rows, and metrics.
+
+    tokens (B, L) int32 right-padded; lengths, prompt_lens (B,) int32.
+    cached: {"features" (B, L, taps*d), "topk_ids" (B, L, k), "topk_logp" (B, L, k)} from the
+    feature cache (the target does not run), or None (the frozen target runs here).
+    vocab: {"d2t" (K,) draft id -> target id, "t2d" (V,) target id -> draft id or -1} for a
+    reduced-vocabulary head, or None.
+    Returns (loss, {"loss", "acc" (Bs-1,) per-depth top-1 accuracy, "depth_loss" (Bs-1,) per-depth
+    mean loss, "depth_rows" (Bs-1,) valid rows per depth, "rows" valid row count}).
+    """
+    b, length = tokens.shape
+    bs = cfg.head.block_size
+    if cached is None:
+        features, final = jax.lax.stop_gradient(target_features(cfg, target_params, tokens))
+    else:
+        features, final = cached["features"], None
+    anchors, anchor_ok = sample_anchors(key, lengths, prompt_lens, cfg.anchors_per_seq, length)
+    hidden, labels, valid, safe_pos = anchor_hidden(head_params, target_params, tokens, lengths, prompt_lens,
+                                                    features, anchors, anchor_ok, cfg)
+    to_out = (lambda ids: ids) if vocab is None else (lambda ids: jnp.take(vocab["t2d"], ids))  # noqa: E731
+    table = None if vocab is None else output_rows(cfg.target, target_params, vocab["d2t"])
+    teacher = soft = None
     if final is not None:  # target distribution at a+k-1 predicts x_{a+k}
         teacher = jnp.take_along_axis(final, (safe_pos - 1).reshape(b, -1)[..., None], axis=1)
         teacher = teacher.reshape(-1, final.shape[-1])
-    rows = hidden[:, :, 1:].reshape(-1, hidden.shape[-1])  # (B*A*(Bs-1), d)
-    loss, correct = projected_loss(cfg, target_params, rows, labels.reshape(-1), teacher)
+    elif cfg.loss == "kl":  # the cached top-k of the target at a+k-1
+        gather = lambda x: jnp.take_along_axis(x, (safe_pos - 1).reshape(b, -1)[..., None], axis=1)  # noqa: E731
+        soft = (to_out(gather(cached["topk_ids"])).reshape(-1, cached["topk_ids"].shape[-1]),
+                gather(cached["topk_logp"]).reshape(-1, cached["topk_logp"].shape[-1]))
+    rows = hidden.reshape(-1, hidden.shape[-1])  # (B*A*(Bs-1), d)
+    loss, correct, has_loss = projected_loss(cfg, target_params, rows, to_out(labels.reshape(-1)), teacher,
+                                             table=table, soft=soft)
 
     depth_w = jnp.ones((bs - 1,), jnp.float32)
     if cfg.loss_decay_gamma is not None:
         depth_w = jnp.exp(-jnp.arange(bs - 1, dtype=jnp.float32) / cfg.loss_decay_gamma)
     per_depth = valid.reshape(-1, bs - 1).astype(jnp.float32)  # (B*A, Bs-1)
-    w = (per_depth * depth_w).reshape(-1)
+    w = (per_depth * depth_w).reshape(-1) * has_loss
     mean = jnp.sum(loss * w) / jnp.maximum(jnp.sum(w), 1e-6)
     depth_rows = jnp.sum(per_depth, axis=0)
     hits = correct.reshape(-1, bs - 1) * per_depth
     acc = jnp.sum(hits, axis=0) / jnp.maximum(depth_rows, 1.0)
-    depth_loss = jnp.sum(loss.reshape(-1, bs - 1) * per_depth, axis=0) / jnp.maximum(depth_rows, 1.0)
+    lossy = per_depth * has_loss.reshape(-1, bs - 1)
+    depth_loss = jnp.sum(loss.reshape(-1, bs - 1) * lossy, axis=0) / jnp.maximum(jnp.sum(lossy, axis=0), 1.0)
     return mean, {"loss": mean, "acc": acc, "depth_loss": depth_loss, "depth_rows": depth_rows,
                   "rows": jnp.sum(per_depth)}

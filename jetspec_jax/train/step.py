@@ -67,14 +67,17 @@ def init_train_state(spec: StepConfig, head_params) -> TrainState:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
-def train_step(state: TrainState, target_params, tokens, lengths, prompt_lens, *, spec: StepConfig):
+def train_step(state: TrainState, target_params, tokens, lengths, prompt_lens, cached=None, vocab=None, *,
+               spec: StepConfig):
     """tokens (B, L) int32; lengths, prompt_lens (B,) int32 -> (new state, metrics).
+    cached, vocab: the feature-cache arrays and the draft vocabulary (see `anchor_loss`), or None.
 
     metrics: loss (), acc (Bs-1,) top-1 accuracy per depth, rows (), grad_norm (), lr ().
     """
     key = jax.random.fold_in(jax.random.PRNGKey(spec.seed), state.step)
     grad_fn = jax.value_and_grad(anchor_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, target_params, tokens, lengths, prompt_lens, key, spec.objective)
+    (_, metrics), grads = grad_fn(state.params, target_params, tokens, lengths, prompt_lens, key,
+                                     spec.objective, cached, vocab)
     updates, opt_state = make_optimizer(spec).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": learning_rate(spec)(state.step)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,9 +31,12 @@ from jetspec_jax.progress import progress_bar
 from jetspec_jax.train.batches import make_batch, step_indices, usable
 from jetspec_jax.train.checkpoint import latest_checkpoint, restore_train_checkpoint, save_train_checkpoint
 from jetspec_jax.train.config import HeadSection, TrainConfig
+from jetspec_jax.train.feature_store import FeatureStore
+from jetspec_jax.train.features import CacheSpec, is_validation
 from jetspec_jax.train.objective import ObjectiveConfig
 from jetspec_jax.train.shards import exclusive, read_manifest, read_sequences
 from jetspec_jax.train.step import StepConfig, init_train_state, train_step
+from jetspec_jax.train.validate import coverage, draft_vocabulary, validate, vocab_tables
 
 # Train settings that do not change what a run computes (may differ on resume).
 _BOOKKEEPING = ("output_dir", "checkpoint_every", "keep_checkpoints")
@@ -52,7 +56,8 @@ def head_config(section: HeadSection, target: ModelConfig) -> HeadConfig:
             mask_token_id=section.mask_token_id, block_size=section.block_size,
             target_layer_ids=section.target_layer_ids or (), causal=section.causal,
             rope_theta=pick(section.rope_theta, target.rope_theta),
-            rms_norm_eps=pick(section.rms_norm_eps, target.rms_norm_eps), dtype=target.dtype)
+            rms_norm_eps=pick(section.rms_norm_eps, target.rms_norm_eps), dtype=target.dtype,
+            draft_vocab_size=section.draft_vocab_size)
     except ValueError as e:
         raise UserError(f"bad head config: {e}") from None
     check_head_fits(cfg, target)
@@ -68,26 +73,36 @@ def step_config(cfg: TrainConfig, head: HeadConfig, target: ModelConfig) -> Step
                       seed=t.seed)
 
 
-def _run_identity(cfg: TrainConfig, num_sequences: int) -> dict:
+def _run_identity(cfg: TrainConfig, num_sequences: int, pool_size: int) -> dict:
     """What must match for a checkpoint to be resumed by this config."""
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _BOOKKEEPING}
-    return {"target": cfg.target, "head": dataclasses.asdict(cfg.head), "train": train,
-            "num_sequences": num_sequences}
+    out = {"target": cfg.target, "head": dataclasses.asdict(cfg.head), "train": train,
+           "num_sequences": num_sequences}
+    if cfg.features is not None:  # the sequences a step reads depend on what the cache held
+        out["features"] = {"dir": cfg.features.dir, "taps": list(cfg.features.taps), "pool": pool_size}
+    return out
 
 
 def _initial_params(t, head_cfg: HeadConfig) -> dict:
     """Random init, or the params of `train.init_from` (a head of exactly this shape), so that a
     later run continues training a shipped head with a fresh optimizer and schedule."""
     if t.init_from is None:
-        return init_head_params(head_cfg, jax.random.PRNGKey(t.seed))
+        return init_head_params(head_cfg, jax.random.PRNGKey(t.seed)), None
     cfg, params = load_head_dir(t.init_from, dtype=head_cfg.dtype)
     if cfg != head_cfg:
         diff = sorted(f.name for f in dataclasses.fields(HeadConfig) if getattr(cfg, f.name) != getattr(head_cfg, f.name))
         raise UserError(f"train.init_from {t.init_from}: that head differs from this config in {', '.join(diff)}")
-    return params
+    params = dict(params)
+    d2t = params.pop("d2t", None)
+    return params, None if d2t is None else np.asarray(d2t)
 
 
 METRICS = "metrics.jsonl"
+
+
+def _log_val(path: Path, step: int, val: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "val": val}) + "\n")
 
 
 def _log_metrics(path: Path, step: int, metrics: dict, seconds: float, tokens: int) -> None:
@@ -131,41 +146,87 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
     data = read_sequences(cfg.data.dir)
     t = cfg.train
     pool = usable(data, t.max_length)
+    store, val_pool = None, np.zeros(0, np.int64)
+    if cfg.features is not None:
+        store, pool, val_pool = _open_cache(cfg, data, target_cfg, pool)
     if len(pool) == 0:
         raise UserError(f"{cfg.data.dir}: no sequence has a response within train.max_length={t.max_length}")
     spec = step_config(cfg, head_cfg, target_cfg)
-    identity = _jsonable(_run_identity(cfg, len(data)))
+    identity = _jsonable(_run_identity(cfg, len(data), len(pool)))
 
     out = Path(t.output_dir)
     ckpt_root = out / "checkpoints"
-    state = init_train_state(spec, _initial_params(t, head_cfg))
+    params, d2t = _initial_params(t, head_cfg)
+    vocab = None
+    if head_cfg.draft_vocab_size is not None:
+        if d2t is None:  # the most frequent tokens of the training answers (never the validation split)
+            train_split = [i for i in range(len(data)) if not is_validation(data.keys[i])]
+            d2t = draft_vocabulary(data, train_split, target_cfg.vocab_size, head_cfg.draft_vocab_size)
+        vocab = vocab_tables(d2t, target_cfg.vocab_size)
+        if len(val_pool):
+            print(f"draft vocabulary {len(d2t)}: {coverage(data, val_pool, d2t):.2%} of validation answer "
+                  "tokens", file=sys.stderr)
+    state = init_train_state(spec, params)
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         state, meta = restore_train_checkpoint(latest, like=state)
         if meta.get("run") != identity:
             raise UserError(f"{latest} was trained with another config; use a new train.output_dir")
+        if d2t is not None and meta.get("d2t") is not None:
+            d2t = np.asarray(meta["d2t"], np.int32)
+            vocab = vocab_tables(d2t, target_cfg.vocab_size)
+    exported = lambda p: p if d2t is None else {**p, "d2t": jax.numpy.asarray(d2t)}  # noqa: E731
+    meta = {"run": identity, **({} if d2t is None else {"d2t": d2t.tolist()})}
+
+    def run_validation(step: int) -> None:
+        if store is None or not len(val_pool):
+            return
+        batches = (store.batch(data, val_pool[i : i + t.batch_size], t.max_length, head_cfg.target_layer_ids)
+                   for i in range(0, len(val_pool), t.batch_size))
+        val = validate(state.params, model.params, vocab, spec.objective, batches)
+        _log_val(out / METRICS, step, val)
+        bar.write(f"step {step}: validation {val}")
 
     start = int(state.step)
     bar = progress_bar(total=t.steps, initial=start, desc="training", unit="step", enabled=progress)
-    tokens_seen, t0 = 0, time.perf_counter()
+    tokens_seen, anchors_seen, t0 = 0, 0, time.perf_counter()
     for step in range(start, t.steps):
         indices = step_indices(pool, t.batch_size, step, t.seed)
-        batch = make_batch(data, indices, t.max_length)
+        if store is None:
+            batch = make_batch(data, indices, t.max_length)
+            cached = None
+        else:
+            batch = store.batch(data, indices, t.max_length, head_cfg.target_layer_ids)
+            cached = {"features": batch.features, "topk_ids": batch.topk_ids, "topk_logp": batch.topk_logp}
         state, metrics = train_step(state, model.params, batch.tokens, batch.lengths, batch.prompt_lens,
-                                    spec=spec)
+                                    cached, vocab, spec=spec)
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics["loss"]):
             raise RuntimeError(f"loss became {metrics['loss']} at step {step}")
         tokens_seen += int(batch.lengths.sum())
+        anchors_seen += int(metrics["depth_rows"][0])
         _log_metrics(out / METRICS, step, metrics, time.perf_counter() - t0, tokens_seen)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc'][0]:.3f}",
-                        tok_s=f"{tokens_seen / (time.perf_counter() - t0):.0f}")
+                        anchor_s=f"{anchors_seen / (time.perf_counter() - t0):.0f}")
         done = step + 1
         if done % t.checkpoint_every == 0 or done == t.steps:
-            save_train_checkpoint(ckpt_root, state, {"run": identity}, keep=t.keep_checkpoints)
-            save_head_dir(out / "head", head_cfg, state.params, overwrite=True)
+            save_train_checkpoint(ckpt_root, state, meta, keep=t.keep_checkpoints)
+            save_head_dir(out / "head", head_cfg, exported(state.params), overwrite=True)
+        if done % t.val_every == 0 or done == t.steps:
+            run_validation(done)
         if on_step is not None:
             on_step(step, metrics, indices)
     bar.close()
-    return head_cfg, state.params
+    return head_cfg, exported(state.params)
+
+
+def _open_cache(cfg: TrainConfig, data, target_cfg: ModelConfig, pool: np.ndarray):
+    """The feature store, and the cached sequences of the training and validation splits."""
+    f = cfg.features
+    spec = CacheSpec(target=cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
+                     hidden_size=target_cfg.hidden_size)
+    store = FeatureStore.open(f.dir, spec, data)
+    cached = np.intersect1d(store.cached(), pool)
+    held_out = np.array([is_validation(data.keys[i]) for i in cached], bool)
+    return store, cached[~held_out], cached[held_out]

@@ -1,0 +1,88 @@
+"""Training throughput, anchor blocks per second: the target run inside every step (the old path)
+against the feature cache with a reduced draft vocabulary, in one run on the same sequences.
+
+    python scripts/bench_train.py --config configs/smollm2-135m-taps5.yaml --steps 4
+
+Old path: the head config of `--old-config` (default: the stage-4 config: one tap, full vocabulary,
+32 anchors per sequence), the frozen target forward inside each step. New path: `--config` (taps
+read from its feature cache, its draft vocabulary and anchors per sequence). Both train from the
+same random init on the same batches of cached training sequences; the first step of each
+(compilation) is not timed; the two paths alternate step by step so drifts in machine load hit
+both. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/smollm2-135m-taps5.yaml")
+    p.add_argument("--old-config", default="configs/smollm2-135m-causal-r4.yaml")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per path (after one untimed)")
+    args = p.parse_args(argv)
+
+    from jetspec_jax.head import init_head_params
+    from jetspec_jax.loading import load_model
+    from jetspec_jax.train.config import read_config
+    from jetspec_jax.train.feature_store import FeatureStore
+    from jetspec_jax.train.features import CacheSpec, is_validation
+    from jetspec_jax.train.shards import read_sequences
+    from jetspec_jax.train.step import init_train_state, train_step
+    from jetspec_jax.train.trainer import head_config, step_config
+    from jetspec_jax.train.validate import draft_vocabulary, vocab_tables
+
+    new_cfg, old_cfg = read_config(args.config), read_config(args.old_config)
+    model = load_model(new_cfg.target)
+    data = read_sequences(new_cfg.data.dir)
+    f = new_cfg.features
+    spec = CacheSpec(target=new_cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
+                     hidden_size=model.config.hidden_size)
+    store = FeatureStore.open(f.dir, spec, data)
+    pool = np.array([i for i in store.cached() if not is_validation(data.keys[i])])
+    paths = {}
+    for name, cfg in (("old: target in the step", old_cfg), ("new: feature cache", new_cfg)):
+        head = head_config(cfg.head, model.config)
+        step_spec = step_config(cfg, head, model.config)
+        vocab = None
+        if head.draft_vocab_size:
+            vocab = vocab_tables(draft_vocabulary(data, pool, model.config.vocab_size, head.draft_vocab_size),
+                                 model.config.vocab_size)
+        state = init_train_state(step_spec, init_head_params(head, jax.random.PRNGKey(0)))
+        paths[name] = dict(cfg=cfg, head=head, spec=step_spec, vocab=vocab, state=state, seconds=[], anchors=0)
+
+    rng = np.random.default_rng(0)
+    for step in range(args.steps + 1):
+        indices = rng.choice(pool, size=new_cfg.train.batch_size, replace=False)
+        for name, pth in paths.items():
+            t = pth["cfg"].train
+            batch = store.batch(data, indices, min(t.max_length, f.max_length), pth["head"].target_layer_ids)
+            cached = None
+            if pth["cfg"].features is not None:
+                cached = {"features": batch.features, "topk_ids": batch.topk_ids, "topk_logp": batch.topk_logp}
+            t0 = time.perf_counter()
+            pth["state"], metrics = train_step(pth["state"], model.params, batch.tokens, batch.lengths,
+                                               batch.prompt_lens, cached, pth["vocab"], spec=pth["spec"])
+            metrics = jax.device_get(metrics)
+            if step:  # step 0 compiles
+                pth["seconds"].append(time.perf_counter() - t0)
+                pth["anchors"] += int(metrics["depth_rows"][0])
+            print(f"{name}: step {step} {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    print("| path | taps | draft vocab | anchors/seq | s/step (median) | anchor blocks/s |")
+    print("|---|---|---|---|---|---|")
+    for name, pth in paths.items():
+        rate = pth["anchors"] / sum(pth["seconds"])
+        print(f"| {name} | {list(pth['head'].target_layer_ids)} | {pth['head'].draft_vocab_size or pth['head'].vocab_size} "
+              f"| {pth['cfg'].train.anchors_per_seq} | {statistics.median(pth['seconds']):.2f} | {rate:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
