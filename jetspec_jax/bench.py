@@ -49,6 +49,16 @@ def _int_list(text):
     return values
 
 
+def _lookup_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def _name_list(choices):
     def parse(text):
         names = [x.strip() for x in text.split(",") if x.strip() and x.strip() != "none"]
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node budgets N of the sweep; 1 = the chain of the head's full depth")
     p.add_argument("--width", type=int, default=4, help="tree width W (top-W per depth)")
     p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first")
+    p.add_argument("--lookup", type=_lookup_list, default=[0],
+                   help="prompt-lookup nodes per tree, comma-separated (0: off); each tree of the "
+                        "sweep runs with each value, e.g. 0,2")
     p.add_argument("--peers", type=_name_list(PEER_NAMES), default=list(PEER_NAMES),
                    help="hf, dflash or none: other implementations timed on the same ids")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -121,14 +134,15 @@ def sweep_configs(args, target, head_cfg) -> list:
     if head_cfg is None:
         return out
     depth = head_cfg.block_size - 1
-    for budget in dict.fromkeys(args.budgets):
+    for budget, lookup in itertools.product(dict.fromkeys(args.budgets), args.lookup):
+        tag = f" lookup={lookup}" if lookup else ""
         try:
             if budget == 1 and "chain" in args.modes:
-                tree = TreeConfig.chain(depth)
-                out.append(("chain", "chain", depth + 1, DecodeConfig(target, head_cfg, tree)))
-            elif budget > 1 and "tree" in args.modes:
-                tree = TreeConfig(budget, args.width, depth, kind=args.tree_kind)
-                out.append((f"tree N={budget}", "tree", budget, DecodeConfig(target, head_cfg, tree)))
+                tree = TreeConfig(depth + 1, 1, depth, kind="chain", lookup=lookup)
+                out.append((f"chain{tag}", "chain", depth + 1, DecodeConfig(target, head_cfg, tree)))
+            elif budget > 1 and "tree" in args.modes and lookup < budget:
+                tree = TreeConfig(budget, args.width, depth, kind=args.tree_kind, lookup=lookup)
+                out.append((f"tree N={budget}{tag}", "tree", budget, DecodeConfig(target, head_cfg, tree)))
         except ValueError as e:
             raise UserError(str(e)) from None
     if len(out) == 1 and set(args.modes) - {"ar"}:

@@ -24,12 +24,17 @@ class _Parser(argparse.ArgumentParser):
 # forward on a GPU up to large N, but ~1.4x (N=4) to ~2.9x (N=32) on CPU, where the fastest tree for
 # the shipped SmolLM2 head is N=4 (`docs/bench/report.md`, 2-core machine, 2026-12-02).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
+DEFAULT_LOOKUP = {"cpu": 0, "gpu": 0}
+
+
+def _platform() -> str:
+    import jax
+
+    return "gpu" if jax.default_backend() == "gpu" else "cpu"
 
 
 def default_budget() -> int:
-    import jax
-
-    return DEFAULT_BUDGET["gpu" if jax.default_backend() == "gpu" else "cpu"]
+    return DEFAULT_BUDGET[_platform()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                         % (DEFAULT_BUDGET["cpu"], DEFAULT_BUDGET["gpu"]))
     p.add_argument("--width", type=int, default=None, help="tree width W (top-W per depth)")
     p.add_argument("--depth", type=int, default=None, help="tree depth D (<= block size - 1)")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="tree nodes given to a prompt-lookup branch (text copied from earlier in the "
+                        "prompt or answer), out of the budget; 0: off (default: %d on CPU, %d on GPU)"
+                        % (DEFAULT_LOOKUP["cpu"], DEFAULT_LOOKUP["gpu"]))
     p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first",
                    help="best_first: the N-1 most likely nodes; top2gap: fan-out shrinks where the "
                         "draft is confident")
@@ -137,14 +146,16 @@ def decode_config(args, model, head):
     depth = args.depth if args.depth is not None else head_cfg.block_size - 1
     if not 1 <= depth <= head_cfg.block_size - 1:
         raise UserError(f"--depth must be in [1, {head_cfg.block_size - 1}] for this head")
+    lookup = args.lookup if args.lookup is not None else DEFAULT_LOOKUP[_platform()]
     try:
         if mode == "chain":
-            tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain")
+            tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain", lookup=lookup)
         else:
             budget = args.budget if args.budget is not None else default_budget()
             width = args.width if args.width is not None else 4
+            lookup = min(lookup, budget - 1, depth) if args.lookup is None else lookup  # a default never errors
             tree = TreeConfig(budget=budget, width=width, depth=depth,
-                              kind=args.tree_kind)
+                              kind=args.tree_kind, lookup=lookup)
     except ValueError as e:
         raise UserError(str(e)) from None
     return DecodeConfig(target=model.config, head=head_cfg, tree=tree, sample=sample)
@@ -231,10 +242,11 @@ def run(argv=None) -> int:
                     sys.stdout.write("\n")
                     sys.stdout.flush()
                     s = row.stats
-                    mean = s["new_tokens"] / max(1, s["rounds"])
-                    print(f"[{config_name(config)}] {s['new_tokens']} tokens in {s['seconds']:.2f}s "
-                          f"({s['tokens_per_second']} tok/s), {s['rounds']} rounds, "
-                          f"{mean:.2f} tokens/round", file=sys.stderr)
+                    tau = s["new_tokens"] / max(1, s["rounds"])
+                    print(f"[{config_name(config)}] {s['new_tokens']} tokens, tau {tau:.2f} tokens/round "
+                          f"({s['rounds']} rounds); decoding {s['decode_seconds']:.2f}s = "
+                          f"{s['decode_tokens_per_second']} tok/s; with prefill {s['seconds']:.2f}s = "
+                          f"{s['tokens_per_second']} tok/s", file=sys.stderr)
     finally:
         if out is not None:
             out.close()
@@ -280,7 +292,8 @@ def config_name(config) -> str:
     if config.tree is None:
         return "ar"
     t = config.tree
-    return f"{t.kind} N={t.budget} W={t.width} D={config.depth}"  # the depth a round can reach
+    lookup = f" lookup={t.lookup}" if t.lookup else ""
+    return f"{t.kind} N={t.budget} W={t.width} D={config.depth}{lookup}"  # the depth a round can reach
 
 
 def main(argv=None) -> int:

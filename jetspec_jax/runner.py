@@ -25,18 +25,23 @@ class RowResult:
     ids: list
     text: str | None
     accept_lengths: list
-    seconds: float
+    seconds: float  # prefill + decoding
+    decode_seconds: float | None = None  # decoding alone (the rounds after prefill)
 
     @property
     def stats(self) -> dict:
         n = len(self.ids)
-        return {
+        out = {
             "rounds": len(self.accept_lengths),
             "accept_lengths": self.accept_lengths,
             "new_tokens": n,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(n / self.seconds, 2) if self.seconds > 0 else None,
         }
+        if self.decode_seconds is not None:
+            out["decode_seconds"] = round(self.decode_seconds, 4)
+            out["decode_tokens_per_second"] = round(n / self.decode_seconds, 2) if self.decode_seconds > 0 else None
+        return out
 
 
 def _cut_at_stop(text: str, stop_strings) -> int | None:
@@ -87,7 +92,8 @@ class Runner:
                       top_p=top_p, seed=seed, stop_ids=stop_ids)
         self._warm_up(prompts, kwargs)
         t0 = time.perf_counter()
-        state = start(self.params, prompts, self.config, mesh=self.mesh, **kwargs)
+        state = jax.block_until_ready(start(self.params, prompts, self.config, mesh=self.mesh, **kwargs))
+        t_decode = time.perf_counter()
         shown = [""] * len(prompts)
         cut = [None] * len(prompts)  # token counts fixed by a stop string
         while True:
@@ -99,7 +105,8 @@ class Runner:
                 done = to_host(state.done)
             if done.all():
                 break
-        seconds = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        seconds, decode_seconds = t_end - t0, t_end - t_decode
         out = []
         for b, gen in enumerate(results(state)[: len(prompts)]):  # rows past them pad the batch
             ids = gen.ids if cut[b] is None else gen.ids[: cut[b]]
@@ -108,7 +115,8 @@ class Runner:
                 text = self.tokenizer.decode(ids)
                 stop_at = _cut_at_stop(text, stop_strings)
                 text = text if stop_at is None else text[:stop_at]
-            out.append(RowResult(ids=ids, text=text, accept_lengths=gen.accept_lengths, seconds=seconds))
+            out.append(RowResult(ids=ids, text=text, accept_lengths=gen.accept_lengths, seconds=seconds,
+                                 decode_seconds=decode_seconds))
         return out
 
     def _check_text(self, state, shown, cut, stop_strings, on_text):

@@ -46,12 +46,17 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--budgets", default="1,8,16,32,64,128")
     p.add_argument("--width", type=int, default=4)
+    p.add_argument("--lookup", default="0",
+                   help="prompt-lookup nodes per tree, comma-separated: each head runs with each "
+                        "(named HEAD+lookupL when L > 0), e.g. 0,3")
     p.add_argument("--out", default="docs/tau")
     return p.parse_args(argv)
 
 
-def tree_for(budget: int, depth: int, width: int) -> TreeConfig:
-    return TreeConfig.chain(depth) if budget == 1 else TreeConfig(budget, width, depth)
+def tree_for(budget: int, depth: int, width: int, lookup: int = 0) -> TreeConfig:
+    if budget == 1:
+        return TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain", lookup=lookup)
+    return TreeConfig(budget, width, depth, lookup=min(lookup, budget - 1))
 
 
 def evaluate(argv=None) -> int:
@@ -61,9 +66,11 @@ def evaluate(argv=None) -> int:
         name, _, path = spec.partition("=")
         if not path:
             raise UserError(f"--head wants NAME=DIR, got {spec!r}")
-        heads[name] = load_head_dir(path)
+        loaded = load_head_dir(path)
+        for lookup in [int(x) for x in args.lookup.split(",")]:
+            heads[name if lookup == 0 else f"{name}+lookup{lookup}"] = (*loaded, lookup)
     model = load_model(args.model)
-    for cfg, _ in heads.values():
+    for cfg, _, _ in heads.values():
         check_head_fits(cfg, model.config)
     budgets = [int(b) for b in args.budgets.split(",")]
     sets = prompt_sets_from_names(args.sets.split(","), model.tokenizer, args.num_prompts)
@@ -74,10 +81,10 @@ def evaluate(argv=None) -> int:
         ar = generate({"target": model.params}, ids, DecodeConfig(target=model.config),
                       max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
         bar.update()
-        for head_name, (cfg, head_params) in heads.items():
+        for head_name, (cfg, head_params, lookup) in heads.items():
             params = {"target": model.params, "head": head_params}
             for budget in budgets:
-                config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width))
+                config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width, lookup))
                 t0 = time.perf_counter()
                 out = generate(params, ids, config, max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
                 seconds = time.perf_counter() - t0
@@ -97,6 +104,7 @@ def evaluate(argv=None) -> int:
                  "command": "python scripts/eval_tau.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                  "machine": machine(),
                  "model": args.model, "heads": dict(s.partition("=")[::2] for s in args.head),
+                 "lookup": args.lookup,
                  "num_prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
                  "width": args.width, "greedy": True},
         "rows": rows, "mismatches": mismatches,
