@@ -450,6 +450,14 @@ def test_cli_bad_config_is_one_line_error(tmp_path, capsys, make_tiny_hf, case, 
     assert err.startswith("error: ") and expected in err and "\n" not in err
 
 
+def test_new_heads_tap_low_to_late_layers_whatever_their_depth():
+    from jetspec_jax.train.trainer import training_taps
+
+    assert training_taps(30) == (1, 8, 14, 20, 27)  # DFlash's five for 30 layers
+    assert training_taps(36) == (1, 9, 17, 25, 33)
+    assert training_taps(4) == (0, 1, 2, 3)
+
+
 def test_config_base_is_overridden_key_by_key(tmp_path):
     from jetspec_jax.train.config import read_config
 
@@ -482,7 +490,7 @@ def test_cli_trains_and_exports_a_head(tmp_path, capsys, make_tiny_hf):
                      "anchors_per_seq": 4, "checkpoint_every": 2}}
     assert main(["--config", _write_yaml(tmp_path / "c.yaml", raw), "--stage", "train", "--no-progress"]) == 0
     head_cfg, _ = load_head_dir(tmp_path / "out" / "head")
-    assert (head_cfg.num_target_layers, head_cfg.vocab_size, head_cfg.target_layer_ids) == (2, 160, (1,))
+    assert (head_cfg.num_target_layers, head_cfg.vocab_size, head_cfg.target_layer_ids) == (2, 160, (0, 1))
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1] and len(rows[0]["acc"]) == len(rows[0]["depth_loss"]) == 3
 

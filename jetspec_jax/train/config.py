@@ -58,7 +58,7 @@ class HeadSection:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     intermediate_size: int | None = None
-    target_layer_ids: tuple[int, ...] | None = None  # None: default_target_layer_ids
+    target_layer_ids: tuple[int, ...] | None = None  # None: trainer.training_taps (5 layers, low to late)
     draft_vocab_size: int | None = None  # K: draft over the K most frequent answer tokens; None: all
     rope_theta: float | None = None
     rms_norm_eps: float | None = None

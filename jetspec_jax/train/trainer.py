@@ -25,7 +25,7 @@ import numpy as np
 
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
-from jetspec_jax.head import HeadConfig, check_head_fits, init_head_params
+from jetspec_jax.head import HeadConfig, check_head_fits, default_target_layer_ids, init_head_params
 from jetspec_jax.loading.head_io import load_head_dir, save_head_dir
 from jetspec_jax.progress import progress_bar
 from jetspec_jax.train.batches import make_batch, step_indices, usable
@@ -42,6 +42,19 @@ from jetspec_jax.train.validate import coverage, draft_vocabulary, validate, voc
 _BOOKKEEPING = ("output_dir", "checkpoint_every", "keep_checkpoints")
 
 
+NEW_HEAD_TAPS = 5
+
+
+def training_taps(num_target_layers: int) -> tuple[int, ...]:
+    """Taps of a new head when its config names none: five layers from low to late, whatever the
+    head's depth (DFlash's spacing from 1 to L-3; for 30 layers (1, 8, 14, 20, 27)). A single
+    middle tap, DFlash's default for a one-layer head, loses most of the acceptance (EAGLE-3 and
+    DFlash ablations). Targets of fewer than 8 layers tap every layer."""
+    if num_target_layers < 8:
+        return tuple(range(num_target_layers))
+    return default_target_layer_ids(num_target_layers, NEW_HEAD_TAPS)
+
+
 def head_config(section: HeadSection, target: ModelConfig) -> HeadConfig:
     """The head's static config: the YAML's shape, the target's values where unset."""
     pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -54,7 +67,7 @@ def head_config(section: HeadSection, target: ModelConfig) -> HeadConfig:
             intermediate_size=pick(section.intermediate_size, target.intermediate_size),
             vocab_size=target.vocab_size, num_target_layers=target.num_layers,
             mask_token_id=section.mask_token_id, block_size=section.block_size,
-            target_layer_ids=section.target_layer_ids or (), causal=section.causal,
+            target_layer_ids=section.target_layer_ids or training_taps(target.num_layers), causal=section.causal,
             rope_theta=pick(section.rope_theta, target.rope_theta),
             rms_norm_eps=pick(section.rms_norm_eps, target.rms_norm_eps), dtype=target.dtype,
             draft_vocab_size=section.draft_vocab_size)
