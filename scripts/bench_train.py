@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     model = load_model(new_cfg.target)
     data = read_sequences(new_cfg.data.dir)
     f = new_cfg.features
-    spec = CacheSpec(target=new_cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
-                     hidden_size=model.config.hidden_size)
-    store = FeatureStore.open(f.dir, spec, data)
+    store = FeatureStore.open(f.dir, CacheSpec.of(new_cfg, model.config.hidden_size), data)
     pool = np.array([i for i in store.cached() if not is_validation(data.keys[i])])
     paths = {}
     for name, cfg in (("old: target in the step", old_cfg), ("new: feature cache", new_cfg)):

@@ -63,9 +63,7 @@ def run(args) -> list:
     model = load_model(cfg.target)
     data = read_sequences(cfg.data.dir)
     f = cfg.features
-    spec = CacheSpec(target=cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
-                     hidden_size=model.config.hidden_size)
-    store = FeatureStore.open(f.dir, spec, data)
+    store = FeatureStore.open(f.dir, CacheSpec.of(cfg, model.config.hidden_size), data)
     val = np.array([i for i in store.cached() if is_validation(data.keys[i])], np.int64)
     if args.max_sequences:
         val = val[: args.max_sequences]

@@ -503,3 +503,24 @@ def test_cli_trains_and_exports_a_head(tmp_path, capsys, make_tiny_hf):
     raw["train"]["output_dir"] = str(tmp_path / "bad")
     assert main(["--config", _write_yaml(tmp_path / "c3.yaml", raw), "--stage", "train", "--no-progress"]) == 2
     assert "differs from this config in block_size" in capsys.readouterr().err
+
+
+def test_widened_taps_draft_exactly_like_the_narrow_head(target, sequence_features):
+    """init_from a head that taps a subset of the new taps: the new taps start at zero weight, so
+    the widened head computes the same block rows."""
+    from jetspec_jax.train.trainer import widen_taps
+
+    narrow = _head(num_layers=1, target_layer_ids=(2,))
+    wide = _head(num_layers=1, target_layer_ids=(1, 2, 3))
+    params = _perturbed_head_params(narrow, 11)
+    tokens, _ = sequence_features
+    b, length = tokens.shape
+    cfg_w = ObjectiveConfig(target=TARGET, head=wide)
+    feats_w, _ = target_features(cfg_w, target.params, tokens)
+    d = TARGET.hidden_size
+    anchors = jnp.array([[3, 9]] * b, jnp.int32)
+    emb = jax.random.normal(jax.random.PRNGKey(2), (b, 2, narrow.block_size, d))
+    run = lambda cfg, p, f: AnchorHead(cfg).apply({"params": p}, f, emb, anchors, method=AnchorHead.anchor_blocks)  # noqa: E731
+    want = run(narrow, params, feats_w[..., d : 2 * d])
+    got = run(wide, widen_taps(params, (2,), (1, 2, 3), d), feats_w)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

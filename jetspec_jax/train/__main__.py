@@ -59,8 +59,7 @@ def run(argv=None) -> None:
         from jetspec_jax.train.shards import read_sequences
 
         f = cfg.features
-        spec = CacheSpec(target=cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
-                         hidden_size=model.config.hidden_size)
+        spec = CacheSpec.of(cfg, model.config.hidden_size)
         bad = [i for i in f.taps if not 0 <= i < model.config.num_layers]
         if bad:
             raise UserError(f"features.taps {bad} outside the target's layers 0..{model.config.num_layers - 1}")

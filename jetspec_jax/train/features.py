@@ -75,6 +75,13 @@ class CacheSpec:
     def as_json(self) -> dict:
         return {**dataclasses.asdict(self), "taps": list(self.taps), "dtype": "float16"}
 
+    @classmethod
+    def of(cls, cfg, hidden_size: int) -> "CacheSpec":
+        """The cache a training config (with a features section) describes."""
+        f = cfg.features
+        return cls(target=cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
+                   hidden_size=hidden_size)
+
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
     _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))

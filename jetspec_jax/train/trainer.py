@@ -97,17 +97,39 @@ def _run_identity(cfg: TrainConfig, num_sequences: int, pool_size: int) -> dict:
 
 
 def _initial_params(t, head_cfg: HeadConfig) -> dict:
-    """Random init, or the params of `train.init_from` (a head of exactly this shape), so that a
-    later run continues training a shipped head with a fresh optimizer and schedule."""
+    """Random init, or the params of `train.init_from`, so that a later run continues training a
+    shipped head with a fresh optimizer and schedule -> (params, d2t or None).
+
+    The head in init_from must have this config's shape, except that it may tap a subset of this
+    config's layers (`widen_taps`: the new taps start with zero weight, so the run starts from
+    exactly that head's drafts) and may lack the draft vocabulary (the head owns no output layer,
+    so a reduced vocabulary changes no parameter).
+    """
     if t.init_from is None:
         return init_head_params(head_cfg, jax.random.PRNGKey(t.seed)), None
     cfg, params = load_head_dir(t.init_from, dtype=head_cfg.dtype)
+    params = dict(params)
+    d2t = params.pop("d2t", None)
+    if cfg.draft_vocab_size is None and head_cfg.draft_vocab_size is not None:
+        cfg = cfg.replace(draft_vocab_size=head_cfg.draft_vocab_size)
+    if cfg.target_layer_ids != head_cfg.target_layer_ids and set(cfg.target_layer_ids) <= set(head_cfg.target_layer_ids):
+        params = widen_taps(params, cfg.target_layer_ids, head_cfg.target_layer_ids, cfg.hidden_size)
+        cfg = cfg.replace(target_layer_ids=head_cfg.target_layer_ids)
     if cfg != head_cfg:
         diff = sorted(f.name for f in dataclasses.fields(HeadConfig) if getattr(cfg, f.name) != getattr(head_cfg, f.name))
         raise UserError(f"train.init_from {t.init_from}: that head differs from this config in {', '.join(diff)}")
-    params = dict(params)
-    d2t = params.pop("d2t", None)
     return params, None if d2t is None else np.asarray(d2t)
+
+
+def widen_taps(params: dict, old_taps: tuple, new_taps: tuple, d: int) -> dict:
+    """Head params reading `old_taps` -> params reading `new_taps` (a superset) that compute the
+    same function: fc rows of the old taps are copied, rows of the new taps are zero."""
+    old = np.asarray(params["fc"]["kernel"])  # (len(old_taps) * d, d)
+    fc = np.zeros((len(new_taps) * d, old.shape[1]), old.dtype)
+    for i, tap in enumerate(old_taps):
+        j = new_taps.index(tap)
+        fc[j * d : (j + 1) * d] = old[i * d : (i + 1) * d]
+    return {**params, "fc": {**params["fc"], "kernel": jax.numpy.asarray(fc)}}
 
 
 METRICS = "metrics.jsonl"
@@ -236,10 +258,7 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
 
 def _open_cache(cfg: TrainConfig, data, target_cfg: ModelConfig, pool: np.ndarray):
     """The feature store, and the cached sequences of the training and validation splits."""
-    f = cfg.features
-    spec = CacheSpec(target=cfg.target, taps=tuple(f.taps), max_length=f.max_length, top_k=f.top_k,
-                     hidden_size=target_cfg.hidden_size)
-    store = FeatureStore.open(f.dir, spec, data)
+    store = FeatureStore.open(cfg.features.dir, CacheSpec.of(cfg, target_cfg.hidden_size), data)
     cached = np.intersect1d(store.cached(), pool)
     held_out = np.array([is_validation(data.keys[i]) for i in cached], bool)
     return store, cached[~held_out], cached[held_out]
