@@ -39,24 +39,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def _int_list(text):
+def _int_list(text, low: int = 1):
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    if not values or min(values) < low:
+        raise argparse.ArgumentTypeError(f"expected integers >= {low}, got {text!r}")
     return values
 
 
 def _lookup_list(text):
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
-    return list(dict.fromkeys(values))
+    return list(dict.fromkeys(_int_list(text, low=0)))
 
 
 def _name_list(choices):

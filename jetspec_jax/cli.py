@@ -20,11 +20,14 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-# Tree nodes per round when --budget is not given. Verifying N tokens costs about one token's
-# forward on a GPU up to large N, but ~1.4x (N=4) to ~2.9x (N=32) on CPU, where the fastest tree for
-# the shipped SmolLM2 head is N=4 (`docs/bench/report.md`, 2-core machine, 2026-12-02).
+# Tree nodes per round when --budget / --lookup are not given: the fastest configuration of the
+# bench's sweep for the shipped SmolLM2 head on CPU (`docs/bench/report.md`, 2-core machine,
+# 2026-12-02: budgets 2, 4, 8, 16 x lookup 0, 2; N=4 with 2 lookup nodes was 1.11x AR, N=4 without
+# lookup 0.95x, N=8 with lookup 0.99x). On CPU verifying N tokens costs ~1.3x (N=4) to ~2.1x (N=16)
+# an AR step; on a GPU it costs about one token's forward up to large N, hence 32 there (no GPU
+# measurement yet, and lookup stays off on GPU until one).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
-DEFAULT_LOOKUP = {"cpu": 0, "gpu": 0}
+DEFAULT_LOOKUP = {"cpu": 2, "gpu": 0}
 
 
 def _platform() -> str:

@@ -123,7 +123,7 @@ def test_default_tree_budget_follows_the_backend():
     """Without --budget the tree has the budget measured fastest for the backend (CPU here)."""
     import types
 
-    from jetspec_jax.cli import DEFAULT_BUDGET, build_parser, decode_config
+    from jetspec_jax.cli import DEFAULT_BUDGET, DEFAULT_LOOKUP, build_parser, decode_config
     from jetspec_jax.config import ModelConfig
     from jetspec_jax.head import HeadConfig
 
@@ -134,8 +134,14 @@ def test_default_tree_budget_follows_the_backend():
     model = types.SimpleNamespace(config=target)
     config = decode_config(build_parser().parse_args(["hi"]), model, (head, None))
     assert config.tree.budget == DEFAULT_BUDGET["cpu"] == 4 and config.tree.width == 4
+    assert config.tree.lookup == DEFAULT_LOOKUP["cpu"] == 2
     config = decode_config(build_parser().parse_args(["hi", "--budget", "9"]), model, (head, None))
     assert config.tree.budget == 9
+    # the default lookup shrinks to fit a small tree; an explicit one that does not fit is an error
+    assert decode_config(build_parser().parse_args(["hi", "--budget", "2"]), model, (head, None)).tree.lookup == 1
+    assert decode_config(build_parser().parse_args(["hi", "--lookup", "0"]), model, (head, None)).tree.lookup == 0
+    with pytest.raises(UserError, match="lookup 4 must be below the budget 4"):
+        decode_config(build_parser().parse_args(["hi", "--lookup", "4"]), model, (head, None))
     for bad in (["--budget", "0"], ["--width", "0"]):  # zero is an error, not "use the default"
         with pytest.raises(UserError, match="must be an integer >= 1"):
             decode_config(build_parser().parse_args(["hi", *bad]), model, (head, None))
