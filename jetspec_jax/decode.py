@@ -19,7 +19,7 @@ import numpy as np
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import DraftHead, init_head_cache
 from jetspec_jax.model import Transformer, init_cache
-from jetspec_jax.sharding import (as_mesh, constrain_state, padded_batch, place_replicated, place_rows,
+from jetspec_jax.sharding import (as_mesh, constrain_state, traced_on, padded_batch, place_replicated, place_rows,
                                 shard_params, to_host)
 from jetspec_jax.step import (DecodeConfig, DecodeState, SamplingParams, map_rows, speculative_step,
                               with_draft_table)
@@ -50,6 +50,11 @@ def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, c
     All prompt tokens but the last go into the caches; the last one is the first round's root.
     mesh: a `jax.sharding.Mesh` to lay the state out on (see sharding.py), or None.
     """
+    with traced_on(mesh):
+        return _prefill(params, prompt, prompt_lens, max_new, sampling, config=config, capacity=capacity, mesh=mesh)
+
+
+def _prefill(params, prompt, prompt_lens, max_new, sampling, *, config, capacity, mesh):
     b, p = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
@@ -98,7 +103,8 @@ def decode(params, state: DecodeState, max_rounds, *, config: DecodeConfig, mesh
             state = constrain_state(state, config, mesh)
         return state, i + 1
 
-    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    with traced_on(mesh):
+        state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return state
 
 

@@ -24,6 +24,7 @@ Where tp does not divide the KV heads, the qkv projection is replicated.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -219,6 +220,12 @@ def state_shardings(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> Dec
         sampling=SamplingParams(temperature=rows, top_k=rows, top_p=rows, key=rows,
                                 stop_ids=NamedSharding(mesh, P())),
     )
+
+
+def traced_on(mesh: Mesh | None):
+    """Inside jit: a context that makes `mesh` the abstract mesh of what is traced under it, so
+    the tree-attention kernel runs per shard (kernels/tree_attn/api.py); no-op for None."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def constrain_state(state: DecodeState, config: DecodeConfig, mesh: Mesh) -> DecodeState:

@@ -34,6 +34,9 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Triton's tl.dot needs every matrix dimension >= 16; Triton tensors need power-of-2 sizes.
 _MIN_BLOCK = 16
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Programs a call should launch at least: 2 per SM of a 132-SM H100/H200, so that one batch row's
+# verify (B = 1) keeps every SM busy while another program waits on memory.
+MIN_PROGRAMS = 264
 
 
 def _is_power_of_2(x: int) -> bool:
@@ -64,6 +67,24 @@ class BlockSizes:
                 raise ValueError(f"{name} must be a power of 2 >= {_MIN_BLOCK}, got {size}")
         if self.kv_splits < 1:
             raise ValueError(f"kv_splits must be >= 1, got {self.kv_splits}")
+
+
+def default_block_sizes(batch: int, num_queries: int, num_heads: int, num_kv_heads: int, num_slots: int,
+                        min_programs: int = MIN_PROGRAMS) -> BlockSizes:
+    """The tiling `tree_attention_pallas` uses unless told: up to 64 rows per block, 64-slot K/V
+    steps, and the prefix split over as many programs (flash-decoding) as it takes to launch
+    `min_programs`, but no more splits than the cache has 64-slot blocks.
+
+    Worked example, Qwen3-8B (32 query / 8 KV heads) at B = 1, N = 16, S = 8192: 16 x 4 = 64 rows
+    -> 1 row block per KV head -> 8 programs unsplit -> 33 splits -> 264 programs. At N = 256:
+    1024 rows -> 16 row blocks -> 128 programs -> 3 splits -> 384 programs.
+    """
+    defaults = BlockSizes()
+    rows = num_queries * (num_heads // num_kv_heads)
+    block_rows = max(_MIN_BLOCK, min(defaults.block_rows, pl.next_power_of_2(rows)))
+    programs = batch * num_kv_heads * pl.cdiv(rows, block_rows)
+    splits = min(pl.cdiv(min_programs, programs), pl.cdiv(num_slots, defaults.block_k))
+    return dataclasses.replace(defaults, block_rows=block_rows, kv_splits=max(1, splits))
 
 
 def _load_rows(ref, start, num_rows: int, valid):
@@ -237,19 +258,31 @@ def _check_supported(q, k, v, lengths, tree_mask):
         )
 
 
+def pallas_supports(q, k, v, lengths, tree_mask) -> bool:
+    """Whether the kernel covers these inputs; ValueError if they break the contract."""
+    try:
+        _check_supported(q, k, v, lengths, tree_mask)
+    except NotImplementedError:
+        return False
+    return True
+
+
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
 def tree_attention_pallas(
-    q, k, v, lengths, tree_mask, *, block_sizes: BlockSizes = BlockSizes(), interpret: bool = False
+    q, k, v, lengths, tree_mask, *, block_sizes: BlockSizes | None = None, interpret: bool = False
 ):
     """Pallas tree attention; same contract as `tree_attention_reference`.
 
     q (B, N, Hq, D); k, v (B, Hkv, S, D) holding the tree's own K/V at [lengths, lengths + N);
     lengths (B,) int32 with lengths + N <= S; tree_mask (B, N, N) bool -> (B, N, Hq, D) q.dtype.
+    block_sizes: the tiling; None picks `default_block_sizes` for these shapes.
     `interpret=True` runs the kernel body with XLA (CPU tests); otherwise it compiles with Triton.
     """
     _check_supported(q, k, v, lengths, tree_mask)
     b, n, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    if block_sizes is None:
+        block_sizes = default_block_sizes(b, n, hq, hkv, s)
     group = hq // hkv
     rows = n * group
     block_rows = max(_MIN_BLOCK, min(block_sizes.block_rows, pl.next_power_of_2(rows)))

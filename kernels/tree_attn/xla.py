@@ -1,4 +1,5 @@
-"""Tree attention for XLA backends without the Pallas kernel (CPU): reads only the used slots.
+"""Tree attention in plain XLA: the CPU path (reads only the used slots), and the GPU fallback for
+shapes the Pallas kernel does not cover (branch-free, see `tree_attention_xla_branch_free`).
 
 The reference reads, masks and converts the whole (B, Hkv, S, D) cache in every layer, so a decoding
 step costs O(capacity) however short the sequence is. Here the keys are cut to a static *window*
@@ -33,8 +34,13 @@ def window_sizes(num_queries: int, num_slots: int) -> tuple[int, ...]:
     return (*sizes, num_slots)
 
 
-def _attend(q, k, v, lengths, tree_mask, window: int):
-    """The reference's math on slots [0, window) only. k, v (B, Hkv, S, D) with S >= window."""
+def _attend(q, k, v, lengths, tree_mask, window: int, guard: str = "cond"):
+    """The reference's math on slots [0, window) only. k, v (B, Hkv, S, D) with S >= window.
+
+    guard: how unused slots holding NaN/inf are kept out of the values' product: "cond" multiplies
+    the raw V and recomputes with a masked V only if the result is not finite (cheapest on CPU);
+    "mask" always multiplies a masked V (no conditional).
+    """
     b, n, hq, d = q.shape
     hkv, g = k.shape[1], hq // k.shape[1]
     f32 = jnp.float32
@@ -60,13 +66,15 @@ def _attend(q, k, v, lengths, tree_mask, window: int):
     # (always, in this package's caches) need no mask; a NaN or inf there would poison the sum, so
     # a non-finite result is recomputed with unused values zeroed. This skips a masked copy of V
     # per layer and step, and the result equals the masked product bit for bit.
-    out = weighted(v)  # (B, Hkv, G*N, D)
-
     def masked():
         used = jnp.arange(window, dtype=jnp.int32)[None, :] < (lengths + n)[:, None]  # (B, W)
         return weighted(jnp.where(used[:, None, :, None], v, jnp.zeros((), v.dtype)))
 
-    out = jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, masked)
+    if guard == "mask":
+        out = masked()
+    else:
+        out = weighted(v)  # (B, Hkv, G*N, D)
+        out = jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, masked)
     out = out.reshape(b, hkv, g, n, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, n, hq, d).astype(q.dtype)
 
@@ -85,3 +93,10 @@ def tree_attention_xla(q, k, v, lengths, tree_mask):
     branch = jnp.sum(jnp.asarray(windows[:-1], jnp.int32) < need)  # first window >= need
     branches = [functools.partial(_attend, window=w) for w in windows]
     return jax.lax.switch(branch, branches, q, k, v, lengths, tree_mask)
+
+
+def tree_attention_xla_branch_free(q, k, v, lengths, tree_mask):
+    """`tree_attention_xla` without conditionals, for GPUs: every layer reads the whole cache and
+    masks V, because on a GPU each `cond`/`switch` in the decoding loop waits on the device for its
+    predicate (a host round trip per layer and round), which costs more than the unused slots."""
+    return _attend(q, k, v, lengths, tree_mask, k.shape[2], guard="mask")
