@@ -41,14 +41,16 @@ QWEN3_8B_HEAD = HeadConfig(hidden_size=4096, num_layers=5, num_heads=32, num_kv_
                            rope_theta=1_000_000.0, dtype="bfloat16")
 
 
-def qwen3_8b_config(budget: int, attention_impl: str = "auto", head_dim: int | None = None) -> DecodeConfig:
+def qwen3_8b_config(budget: int, attention_impl: str = "auto", head_dim: int | None = None,
+                    sample: bool = False) -> DecodeConfig:
     """Qwen3-8B with its 5-layer head and a best-first tree of `budget` nodes (width 8, depth 15).
-    head_dim: another head size for both models (e.g. 80, which the Pallas kernel does not cover)."""
+    head_dim: another head size for both models (e.g. 80, which the Pallas kernel does not cover).
+    sample: the program that samples (temperature, top-k, top-p per row) instead of greedy only."""
     target = QWEN3_8B.replace(attention_impl=attention_impl)
     head = dataclasses.replace(QWEN3_8B_HEAD, attention_impl=attention_impl)
     if head_dim is not None:
         target, head = target.replace(head_dim=head_dim), dataclasses.replace(head, head_dim=head_dim)
-    return DecodeConfig(target=target, head=head, tree=TreeConfig(budget=budget, width=8, depth=15))
+    return DecodeConfig(target=target, head=head, tree=TreeConfig(budget=budget, width=8, depth=15), sample=sample)
 
 
 def abstract_params(config: DecodeConfig, mesh=None) -> dict:
@@ -90,8 +92,10 @@ def lower_prefill(config: DecodeConfig, *, batch: int, prompt_len: int, capacity
     return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
 
 
-def lower_decode(config: DecodeConfig, *, batch: int, capacity: int, mesh=None, prompt_len: int = 128):
-    """The decoding loop (rounds of draft, verify, accept, commit until done), lowered for CUDA."""
+def lower_decode(config: DecodeConfig, *, batch: int, capacity: int, mesh=None, prompt_len: int = 128,
+                 platform: str = "cuda"):
+    """The decoding loop (rounds of draft, verify, accept, commit until done), lowered for CUDA
+    (or `platform`, e.g. "cpu", to compare)."""
     from jetspec_jax.decode import decode, prefill
     from jetspec_jax.sharding import state_shardings
 
@@ -100,7 +104,7 @@ def lower_decode(config: DecodeConfig, *, batch: int, capacity: int, mesh=None, 
                            *_prefill_args(config, batch, prompt_len, None))
     state = _placed(state, None if mesh is None else state_shardings(state, config, mesh))
     traced = decode.trace(params, state, jax.ShapeDtypeStruct((), jnp.int32), config=config, mesh=mesh)
-    return traced.lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    return traced.lower(lowering_platforms=(platform,)).compiler_ir("stablehlo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Report:
     loop_body_conditionals: int  # real conditionals (if, case with > 1 live branch) in that body
     conditionals: int  # real conditionals anywhere
     host_callbacks: int  # custom calls into the host (Python callbacks)
+    sorts: list  # operand shapes of every sort (per execution, repeated per call)
 
 
 def _ops(block):
@@ -189,6 +194,8 @@ def inspect_module(module) -> Report:
                             triton[(grid, shapes, _string(config["name"]))] += 1
                         elif "callback" in target.lower():
                             out["host_callbacks"] += 1
+                    if name == "stablehlo.sort":
+                        out[("sort", tuple(op.operands[0].type.shape))] += 1
                     if name == "stablehlo.while":
                         out["whiles"] += 1
                         out["loop_body_whiles"] += in_loop
@@ -210,4 +217,5 @@ def inspect_module(module) -> Report:
     calls = [TritonCall(grid=g, operands=s, calls=n, name=kname) for (g, s, kname), n in triton.items()]
     return Report(triton=sorted(calls, key=lambda c: (c.operands, c.grid)), whiles=counts["whiles"],
                   loop_body_whiles=counts["loop_body_whiles"], loop_body_conditionals=counts["loop_body_conditionals"],
-                  conditionals=counts["conditionals"], host_callbacks=counts["host_callbacks"])
+                  conditionals=counts["conditionals"], host_callbacks=counts["host_callbacks"],
+                  sorts=sorted(shape for key, n in counts.items() if isinstance(key, tuple) for shape in [key[1]] * n))

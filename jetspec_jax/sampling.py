@@ -62,16 +62,25 @@ def sample_tokens(key, logits, temperature, top_k, top_p) -> jax.Array:
 def _truncated_logits(logits, temperature, top_k, top_p):
     """(B, N, V) -> logits / temperature with excluded tokens at -inf (not normalised).
 
-    Sorting the vocabulary is the costly part, so it runs only when a sampling row (temperature > 0)
-    uses top-k or top-p; greedy rows never need it. The branch returns only the (B, N, 1) cut-off,
-    so the (B, N, V) arithmetic after it stays outside the `cond` and fuses with its consumers.
+    The cut-off (the smallest logit kept) depends on the platform the program is lowered for:
+    on CPU, a sort of the vocabulary under a `cond` that skips it unless a sampling row
+    (temperature > 0) uses top-k or top-p; on GPU, sort-free bisections with no branch (a `cond`
+    in the decoding loop waits on the device for its predicate, and sorting a 151936-token
+    vocabulary per tree node costs more than a few dozen reductions). Both keep exactly the same
+    tokens. The branches return only the (B, N, 1) cut-off, so the (B, N, V) arithmetic after it
+    fuses with its consumers.
     """
     safe_t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
     x = logits.astype(jnp.float32) / safe_t[:, None, None]
+    cutoff = lax.platform_dependent(x, temperature, top_k, top_p, cuda=_bisected_cutoff, rocm=_bisected_cutoff,
+                                    default=_sorted_cutoff_when_needed)
+    return jnp.where(x >= cutoff, x, -jnp.inf)
+
+
+def _sorted_cutoff_when_needed(x, temperature, top_k, top_p):
     truncating = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1)))
     no_cutoff = lambda x, k, p: jnp.full((*x.shape[:2], 1), -jnp.inf, x.dtype)
-    cutoff = lax.cond(truncating, _top_k_top_p_cutoff, no_cutoff, x, top_k, top_p)
-    return jnp.where(x >= cutoff, x, -jnp.inf)
+    return lax.cond(truncating, _top_k_top_p_cutoff, no_cutoff, x, top_k, top_p)
 
 
 def _top_k_top_p_cutoff(x, top_k, top_p):
@@ -84,6 +93,52 @@ def _top_k_top_p_cutoff(x, top_k, top_p):
     n_keep = _n_kept_top_p(weights, top_p[:, None, None])
     top_p_cut = jnp.take_along_axis(desc, n_keep - 1, axis=-1)  # logit of the last token kept
     return jnp.where(top_p[:, None, None] < 1, jnp.maximum(kth, top_p_cut), kth)
+
+
+def _ordered_bits(x):
+    """float32 -> uint32 in the same order (-inf lowest, +inf highest; -0.0 just below +0.0)."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    sign = jnp.uint32(0x80000000)
+    return jnp.where(bits & sign, ~bits, bits | sign)
+
+
+def _smallest_key_where(keys, holds):
+    """The smallest uint32 t with holds(t) true, per (B, N) row, by bisection over the 2^32 keys:
+    holds is monotone (false, then true) and true at the row's largest key; false below its
+    smallest. 32 halvings, each one O(V) reduction -> (B, N, 1) uint32."""
+    lo = jnp.min(keys, axis=-1, keepdims=True) - 1  # holds(lo) is false (keys >= 1: see _ordered_bits)
+    hi = jnp.max(keys, axis=-1, keepdims=True)  # holds(hi) is true
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = holds(mid)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    _, hi = lax.fori_loop(0, 32, halve, (lo, hi), unroll=True)
+    return hi
+
+
+def _bisected_cutoff(x, temperature, top_k, top_p):
+    """The cut-off of `_top_k_top_p_cutoff` without sorting: x (B, N, V) -> (B, N, 1).
+
+    top-k keeps x iff fewer than k logits are strictly above it; top-p (on the top-k distribution)
+    keeps x iff the mass strictly above it is < p x the total, which is the sorted rule ("preceding
+    mass < p", ties with the last kept token kept). Each rule is monotone in x, so its threshold is
+    the smallest key (`_ordered_bits`) that satisfies it, found by bisection.
+    """
+    del temperature  # rows that do not sample ignore the cut-off
+    V = x.shape[-1]
+    keys = _ordered_bits(x)
+    k = jnp.where((top_k > 0) & (top_k < V), top_k, V).astype(jnp.int32)[:, None, None]
+    k_cut = _smallest_key_where(keys, lambda t: jnp.sum(keys > t, axis=-1, keepdims=True, dtype=jnp.int32) < k)
+    in_top_k = keys >= k_cut
+    weights = jnp.where(in_top_k, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
+    target = top_p[:, None, None] * weights.sum(axis=-1, keepdims=True)
+    p_cut = _smallest_key_where(keys, lambda t: jnp.sum(jnp.where(keys > t, weights, 0.0), axis=-1, keepdims=True) < target)
+    cut = jnp.where(top_p[:, None, None] < 1, jnp.maximum(k_cut, p_cut), k_cut)
+    # The smallest logit at or above the key (as a float, so that -0.0 and +0.0 tie as in the sort).
+    return jnp.min(jnp.where(keys >= cut, x, jnp.inf), axis=-1, keepdims=True)
 
 
 def _n_kept_top_p(weights, p):

@@ -7,6 +7,7 @@ What a lowered program must show (jetspec_jax/lowering.py reads it):
 - at B = 1, at least 264 programs per launch (2 per SM of a 132-SM H100/H200);
 - no host callback anywhere and no conditional in the loop body (each one on a GPU waits on the
   device for its predicate); the loop body's only inner loop is the tree builder's scan;
+- with sampling on, no sort of the 151936-token vocabulary (top-k / top-p by bisection);
 - under a mesh, each device's Triton call sees its own batch rows and KV heads (shard_map), never
   the global arrays.
 The single-device and mesh programs are lowered in subprocesses with 8 forced host devices where
@@ -86,6 +87,19 @@ def test_xla_fallback_on_cuda_has_no_conditionals():
     report = inspect_module(lower_decode(qwen3_8b_config(16, head_dim=80), batch=1, capacity=CAPACITY))
     assert report.triton == []
     assert report.conditionals == 0 and report.host_callbacks == 0
+
+
+def test_sampling_on_cuda_sorts_no_vocabulary_and_never_branches():
+    """The sampling program (per-row temperature, top-k, top-p) finds its top-k / top-p cut-offs
+    by bisection on CUDA; the CPU program of the same config sorts the vocabulary under a cond
+    (the control: this inspection does see such sorts and branches)."""
+    config = qwen3_8b_config(16, sample=True)
+    vocab = QWEN3_8B.vocab_size
+    cuda = inspect_module(lower_decode(config, batch=1, capacity=CAPACITY))
+    assert not [s for s in cuda.sorts if s[-1] == vocab], cuda.sorts
+    assert cuda.loop_body_conditionals == 0 and cuda.host_callbacks == 0
+    cpu = inspect_module(lower_decode(config, batch=1, capacity=CAPACITY, platform="cpu"))
+    assert [s for s in cpu.sorts if s[-1] == vocab] and cpu.loop_body_conditionals > 0
 
 
 MESHES = textwrap.dedent("""

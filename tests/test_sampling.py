@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from jetspec_jax import sampling
 from jetspec_jax.sampling import processed_logprobs, sample_tokens, validate_sampling
 
 # Jitted once per shape (as callers use them); op-by-op dispatch would be slower to test.
@@ -55,11 +56,20 @@ def keys(seed, batch):
 SETTINGS = [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 3, 1.0), (0.8, 0, 0.7), (1.3, 5, 0.6)]
 
 
-def test_processed_logprobs_match_numpy():
+@pytest.fixture(params=["sorted", "bisected"])
+def logprobs_by(request, monkeypatch):
+    """processed_logprobs with the CPU cut-off (a sort) or the GPU one (bisections, no sort), the
+    latter run here by standing it in for the CPU branch."""
+    if request.param == "bisected":
+        monkeypatch.setattr(sampling, "_sorted_cutoff_when_needed", sampling._bisected_cutoff)
+    return jax.jit(lambda *args: processed_logprobs(*args))  # a new function: traced afresh
+
+
+def test_processed_logprobs_match_numpy(logprobs_by):
     # V = 300 spans several 128-token blocks of the two-level running sums.
     logits = np.random.default_rng(0).normal(size=(len(SETTINGS) + 1, 4, 300)).astype(np.float32)
     settings = SETTINGS + [(0.0, 0, 1.0)]
-    got = np.asarray(logprobs(jnp.asarray(logits), *rows(settings)))
+    got = np.asarray(logprobs_by(jnp.asarray(logits), *rows(settings)))
     for b, (t, k, p) in enumerate(settings):
         for n in range(4):
             expected = np_processed(logits[b, n], t, k, p)
@@ -67,11 +77,11 @@ def test_processed_logprobs_match_numpy():
             np.testing.assert_allclose(np.exp(got[b, n]), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_processed_logprobs_match_hugging_face_warpers():
+def test_processed_logprobs_match_hugging_face_warpers(logprobs_by):
     torch = pytest.importorskip("torch")
     lp = pytest.importorskip("transformers.generation.logits_process")
     logits = np.random.default_rng(4).normal(size=(len(SETTINGS), 8, 300)).astype(np.float32) * 2
-    got = np.exp(np.asarray(logprobs(jnp.asarray(logits), *rows(SETTINGS))))
+    got = np.exp(np.asarray(logprobs_by(jnp.asarray(logits), *rows(SETTINGS))))
     for b, (t, k, p) in enumerate(SETTINGS):
         scores = torch.from_numpy(logits[b])
         warpers = [lp.TemperatureLogitsWarper(t)]
@@ -84,10 +94,42 @@ def test_processed_logprobs_match_hugging_face_warpers():
         np.testing.assert_allclose(got[b], expected, rtol=1e-5, atol=1e-7)
 
 
-def test_top_k_keeps_ties_at_the_kth_value():
+def test_top_k_keeps_ties_at_the_kth_value(logprobs_by):
     logits = jnp.array([[[3.0, 1.0, 2.0, 2.0, 0.0]]])
-    got = logprobs(logits, *rows([(1.0, 2, 1.0)]))
+    got = logprobs_by(logits, *rows([(1.0, 2, 1.0)]))
     np.testing.assert_array_equal(np.isfinite(got[0, 0]), [True, False, True, True, False])
+
+
+def test_top_p_keeps_ties_with_the_last_kept_token(logprobs_by):
+    # Probabilities (0.42, 0.155, 0.155, 0.155, 0.057, 0.058): sorted, preceding masses 0, 0.42, 0.575,
+    # 0.73, ...: p = 0.5 keeps the first two by the sorted rule, then the two tied with the second.
+    logits = jnp.log(jnp.array([[[0.42, 0.155, 0.155, 0.155, 0.057, 0.058]]]))
+    got = logprobs_by(logits, *rows([(1.0, 0, 0.5)]))
+    np.testing.assert_array_equal(np.isfinite(got[0, 0]), [True, True, True, True, False, False])
+
+
+def test_sort_free_cutoff_equals_the_sorted_one():
+    """The GPU cut-off against the CPU one on many rows: ties, -inf logits, ranks past the
+    vocabulary, tiny and full p, -0.0 next to +0.0."""
+    rng = np.random.default_rng(7)
+    b, n, v = 6, 16, 700
+    x = rng.normal(size=(b, n, v)).astype(np.float32) * rng.uniform(0.5, 4, size=(b, n, 1)).astype(np.float32)
+    x[:, :4] = np.round(x[:, :4])  # heavy ties
+    x[:, 4:6, : v // 2] = -np.inf  # masked tokens
+    x[:, 6, :2] = [0.0, -0.0]
+    top_k = jnp.array([0, 1, 7, 50, 699, 5000], jnp.int32)
+    top_p = jnp.array([1.0, 0.3, 0.9, 0.999, 0.05, 0.6], jnp.float32)
+    x = jnp.asarray(x)
+    sorted_cut = jax.jit(sampling._top_k_top_p_cutoff)(x, top_k, top_p)
+    bisected = jax.jit(sampling._bisected_cutoff)(x, jnp.ones(b), top_k, top_p)
+    np.testing.assert_array_equal(np.asarray(x >= bisected), np.asarray(x >= sorted_cut))
+    assert 0 < float(jnp.mean(x >= sorted_cut)) < 1  # the rows really cut
+
+
+def test_ordered_bits_keep_the_float_order():
+    x = jnp.array([-jnp.inf, -3.0e38, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 3.0e38, jnp.inf], jnp.float32)
+    keys = np.asarray(sampling._ordered_bits(x)).astype(np.int64)
+    assert np.all(np.diff(keys) > 0) and keys.min() >= 1
 
 
 def test_same_key_same_tokens_and_different_key_different_tokens():
