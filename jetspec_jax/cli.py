@@ -28,12 +28,19 @@ class _Parser(argparse.ArgumentParser):
 # measurement yet, and lookup stays off on GPU until one).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
 DEFAULT_LOOKUP = {"cpu": 2, "gpu": 0}
+# bf16 matmuls are 10-20x slower than f32 on XLA:CPU (DESIGN.md section 6); GPUs read half the bytes.
+DEFAULT_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
 
 
 def _platform() -> str:
     import jax
 
     return "gpu" if jax.default_backend() == "gpu" else "cpu"
+
+
+def resolved_dtype(name: str) -> str:
+    """--dtype value -> the dtype used ("auto" follows the backend)."""
+    return DEFAULT_DTYPE[_platform()] if name == "auto" else name
 
 
 def default_budget() -> int:
@@ -67,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights and activations (attention and softmax accumulate in float32); "
+                        "auto: %s on CPU, %s on GPU" % (DEFAULT_DTYPE["cpu"], DEFAULT_DTYPE["gpu"]))
     p.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (--input)")
     p.add_argument("--mesh", default=None,
                    help="device mesh, e.g. dp=2,tp=4: dp splits the batch, tp the attention heads "
@@ -208,6 +217,7 @@ def run(argv=None) -> int:
     if processes > 1 and mesh_sizes is None:
         raise UserError("a multi-process run needs --mesh (e.g. --mesh dp=2 over two processes)")
     mesh = make_mesh(mesh_sizes) if mesh_sizes is not None else None
+    args.dtype = resolved_dtype(args.dtype)
     import jax
 
     from jetspec_jax.loading import load_model

@@ -142,6 +142,10 @@ def test_default_tree_budget_follows_the_backend():
     assert decode_config(build_parser().parse_args(["hi", "--lookup", "0"]), model, (head, None)).tree.lookup == 0
     with pytest.raises(UserError, match="lookup 4 must be below the budget 4"):
         decode_config(build_parser().parse_args(["hi", "--lookup", "4"]), model, (head, None))
+    from jetspec_jax.cli import resolved_dtype
+
+    assert build_parser().parse_args(["hi"]).dtype == "auto"
+    assert resolved_dtype("auto") == "float32" and resolved_dtype("bfloat16") == "bfloat16"  # CPU here
     for bad in (["--budget", "0"], ["--width", "0"]):  # zero is an error, not "use the default"
         with pytest.raises(UserError, match="must be an integer >= 1"):
             decode_config(build_parser().parse_args(["hi", *bad]), model, (head, None))
