@@ -27,6 +27,10 @@ from jetspec_jax.step import (DecodeConfig, DecodeState, SamplingParams, map_row
 MIN_PROMPT_BUCKET = 16
 CAPACITY_STEP = 256
 MAX_STOP_IDS = 8
+# Prompts longer than this are prefilled in chunks of it: no (B, P, P) mask or score matrix, the
+# largest attention temporaries are O(chunk x P). Prompt buckets are powers of two, so a longer
+# bucket is a whole number of chunks.
+PREFILL_CHUNK = 512
 
 
 def prompt_bucket(length: int) -> int:
@@ -41,27 +45,54 @@ def cache_capacity(config: DecodeConfig, padded_prompt: int, max_new_tokens: int
     return -(-need // CAPACITY_STEP) * CAPACITY_STEP
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "mesh"))
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "mesh", "chunk"))
 def prefill(params, prompt, prompt_lens, max_new, sampling: SamplingParams, *, config: DecodeConfig,
-            capacity: int, mesh=None) -> DecodeState:
+            capacity: int, mesh=None, chunk: int = PREFILL_CHUNK) -> DecodeState:
     """Run the target over the prompts and build the state of the first round.
 
     prompt (B, P) int32 right-padded; prompt_lens (B,) int32 >= 1; max_new (B,) int32.
     All prompt tokens but the last go into the caches; the last one is the first round's root.
     mesh: a `jax.sharding.Mesh` to lay the state out on (see sharding.py), or None.
+    chunk: prompts longer than this run through the target `chunk` tokens at a time (P must then
+    be a multiple of it); each chunk attends to the cache of the ones before it.
     """
     with traced_on(mesh):
-        return _prefill(params, prompt, prompt_lens, max_new, sampling, config=config, capacity=capacity, mesh=mesh)
+        return _prefill(params, prompt, prompt_lens, max_new, sampling, config=config, capacity=capacity, mesh=mesh,
+                        chunk=chunk)
 
 
-def _prefill(params, prompt, prompt_lens, max_new, sampling, *, config, capacity, mesh):
+def _target_prefill(params, prompt, config: DecodeConfig, capacity: int, chunk: int):
+    """The target over the whole prompt -> (tapped features (B, P, F) or None, cache)."""
+    b, p = prompt.shape
+    model = Transformer(config.target)
+    cache = init_cache(config.target, b, capacity)
+    size = min(p, chunk)
+    if p % size:
+        raise ValueError(f"a {p}-token prompt bucket is not a whole number of {size}-token chunks")
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((size, size), bool)), (b, size, size))
+
+    def run(cache, start):
+        tokens = jax.lax.dynamic_slice_in_dim(prompt, start, size, axis=1)
+        positions = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (b, size))
+        cache = cache.replace(lengths=jnp.full((b,), start, jnp.int32))
+        _, features, cache = model.apply({"params": params}, tokens, positions, cache, causal, taps=config.taps,
+                                         with_logits=False)
+        return cache, features
+
+    if size == p:
+        cache, features = run(cache, jnp.int32(0))
+        return features, cache
+    cache, features = jax.lax.scan(run, cache, jnp.arange(0, p, size, dtype=jnp.int32))  # (P / C, B, C, F)
+    if features is not None:
+        features = jnp.swapaxes(features, 0, 1).reshape(b, p, -1)
+    return features, cache
+
+
+def _prefill(params, prompt, prompt_lens, max_new, sampling, *, config, capacity, mesh, chunk):
     b, p = prompt.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
     committed = (prompt_lens - 1).astype(jnp.int32)
-    _, features, cache = Transformer(config.target).apply(
-        {"params": params["target"]}, prompt, positions, init_cache(config.target, b, capacity),
-        causal, taps=config.taps, with_logits=False)
+    features, cache = _target_prefill(params["target"], prompt, config, capacity, chunk)
     head_cache = None
     if config.head is not None:
         head_cache = DraftHead(config.head).apply(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -70,14 +71,19 @@ def test_decode_loop_lowers_for_cuda_with_the_kernel(batch, budget):
 
 
 def test_prefill_lowers_for_cuda_with_the_kernel():
-    report = inspect_module(lower_prefill(qwen3_8b_config(16), batch=1, prompt_len=1024, capacity=CAPACITY))
+    # A 2048-token prompt runs in chunks of 512 (decode.PREFILL_CHUNK): every kernel call sees a
+    # (512, 512) tree mask over a cache that grows chunk by chunk; no (P, P) array exists.
+    module = lower_prefill(qwen3_8b_config(16), batch=1, prompt_len=2048, capacity=CAPACITY)
+    report = inspect_module(module)
     assert report.host_callbacks == 0 and report.conditionals == 0
+    assert report.whiles == 1  # the loop over chunks
     # Prefill needs no logits, so the last layer's attention output is unused and its kernel call
-    # is dead code: every other layer launches once, over the whole (causal) prompt.
+    # is dead code: every other layer launches once per chunk.
     (call,) = report.triton
     assert call.calls == LAYERS - 1
-    assert call.operands[1] == (1, 1024, 1024) and call.operands[2] == (1, KV_HEADS, 1024 * 4, HEAD_DIM)
+    assert call.operands[1] == (1, 512, 512) and call.operands[2] == (1, KV_HEADS, 512 * 4, HEAD_DIM)
     assert call.programs >= MIN_PROGRAMS
+    assert not re.search(r"(?<![0-9])2048x2048(?![0-9])", str(module))  # no (P, P) array
 
 
 def test_xla_fallback_on_cuda_has_no_conditionals():
