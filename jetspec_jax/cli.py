@@ -198,6 +198,20 @@ def load_head(args, model):
     return cfg, params
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled programs between runs under `$JETSPEC_CACHE/xla` (JAX's persistent
+    compilation cache), so a second run with the same shapes compiles nothing.
+    JETSPEC_COMPILATION_CACHE=0 turns it off; a cache dir set through JAX's own config wins."""
+    import jax
+
+    from jetspec_jax.loading.registry import cache_dir
+
+    if os.environ.get("JETSPEC_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.fspath(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program of a run
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
@@ -218,6 +232,7 @@ def run(argv=None) -> int:
         raise UserError("a multi-process run needs --mesh (e.g. --mesh dp=2 over two processes)")
     mesh = make_mesh(mesh_sizes) if mesh_sizes is not None else None
     args.dtype = resolved_dtype(args.dtype)
+    enable_compilation_cache()
     import jax
 
     from jetspec_jax.loading import load_model

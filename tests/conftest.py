@@ -11,8 +11,14 @@ torch and transformers are imported only by the fixtures that need them.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
+
+# The CLI keeps compiled programs in $JETSPEC_CACHE/xla between runs. Tests that call it in this
+# process would then read programs compiled by earlier test sessions (and compile-count tests would
+# see cache hits instead of compiles); test_compilation_cache turns it on in its own subprocesses.
+os.environ.setdefault("JETSPEC_COMPILATION_CACHE", "0")
 
 # Small enough to build in well under a second, large enough for GQA (4 query / 2 kv heads).
 TINY_DIMS = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1,6 +1,7 @@
 """The command line against HF transformers: greedy ids identical, single and ragged batches."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,25 @@ def test_truncated_model_file_exits_2_without_traceback(tmp_path, smollm2_gguf):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_compilation_cache_makes_the_second_run_compile_nothing(tiny_hf_models, tmp_path):
+    """Run 1 compiles prefill and the loop into $JETSPEC_CACHE/xla; run 2 (a new process) loads
+    them from there; JETSPEC_COMPILATION_CACHE=0 keeps the cache off."""
+    env = dict(os.environ, JETSPEC_CACHE=str(tmp_path / "cache"), JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
+    env.pop("JETSPEC_COMPILATION_CACHE")
+    argv = [sys.executable, "-m", "jetspec_jax.generate", "--model", str(tiny_hf_models["qwen3"]),
+            "--max-new-tokens", "8", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt_ids": [3, 5, 7]}) + "\n")
+    runs = [subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    hit = "Persistent compilation cache hit for 'jit_decode'"
+    assert hit not in runs[0].stderr and hit in runs[1].stderr
+    assert "Persistent compilation cache hit for 'jit_prefill'" in runs[1].stderr
+    assert list((tmp_path / "cache" / "xla").glob("jit_decode-*"))
+    off = dict(env, JETSPEC_COMPILATION_CACHE="0", JETSPEC_CACHE=str(tmp_path / "off"))
+    assert subprocess.run(argv, env=off, capture_output=True, text=True, timeout=300).returncode == 0
+    assert not (tmp_path / "off" / "xla").exists()
 
 
 def test_default_tree_budget_follows_the_backend():
