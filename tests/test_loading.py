@@ -134,6 +134,40 @@ def test_smollm2_gguf_logits_match_transformers(smollm2_gguf, smollm2_model):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.real_model
+def test_gguf_conversion_is_cached_and_refreshed(smollm2_gguf, tmp_path, monkeypatch):
+    """The first load dequantizes and writes <file>.jetspec-f32.safetensors; later loads read it
+    (same params bit for bit, no dequantization); a changed GGUF or a damaged cache converts again."""
+    from jetspec_jax.loading import gguf as gguf_module
+
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(smollm2_gguf, path)
+    cached = tmp_path / "m.gguf.jetspec-f32.safetensors"
+    _, fresh, _ = load_gguf(path)
+    assert cached.is_file()
+    calls = []
+    real = gguf_module.gguf.quants.dequantize
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(gguf_module.gguf.quants, "dequantize", counting)
+    _, again, _ = load_gguf(path)
+    assert not calls  # read from the cache
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), fresh, again))
+    os.utime(path, ns=(0, 0))  # the GGUF "changed": its key no longer matches
+    load_gguf(path)
+    assert calls
+    calls.clear()
+    cached.write_bytes(cached.read_bytes()[:1000])  # a damaged cache is converted again, not an error
+    load_gguf(path)
+    assert calls and cached.stat().st_size > 1000
+    calls.clear()
+    load_gguf(path, cache=False)
+    assert calls
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
 def test_qwen_gguf_logits_match_transformers(name):

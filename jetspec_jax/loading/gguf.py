@@ -231,11 +231,63 @@ def _param_path(name: str) -> str | None:
     return None
 
 
-def load_gguf(path: str | os.PathLike, dtype: str = "float32"):
-    """-> (ModelConfig, params, metadata). Raises UserError on a bad or unsupported file."""
+# Bump when the dequantized tensors of a GGUF file would change (a loader fix): old caches are ignored.
+_CONVERSION_VERSION = "1"
+
+
+def _converted_path(path: str) -> str:
+    return f"{path}.jetspec-f32.safetensors"
+
+
+def _conversion_key(path: str) -> dict:
+    st = os.stat(path)
+    return {"source_size": str(st.st_size), "source_mtime_ns": str(st.st_mtime_ns), "version": _CONVERSION_VERSION}
+
+
+def _read_converted(path: str):
+    """The dequantized tensors cached next to the GGUF file, or None if absent or stale."""
+    from safetensors import SafetensorError, safe_open
+
+    cached = _converted_path(path)
+    if not os.path.isfile(cached):
+        return None
+    try:
+        with safe_open(cached, framework="numpy") as f:
+            if f.metadata() != _conversion_key(path):
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return None  # truncated or unreadable: convert again (and overwrite it)
+
+
+def _write_converted(path: str, tensors: dict) -> None:
+    """Cache the dequantized tensors as safetensors next to the GGUF (atomically); a folder that
+    cannot be written only means the next run converts again."""
+    from safetensors.numpy import save_file
+
+    cached = _converted_path(path)
+    tmp = f"{cached}.tmp-{os.getpid()}"
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=_conversion_key(path))
+        os.replace(tmp, cached)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", cache: bool = True):
+    """-> (ModelConfig, params, metadata). Raises UserError on a bad or unsupported file.
+
+    Dequantizing takes seconds, so the float32 tensors are cached once as
+    `<file>.jetspec-f32.safetensors` next to it (keyed by the file's size and mtime) and read
+    from there by later loads; `cache=False` neither reads nor writes it.
+    """
     file = read_gguf(path)
     config = gguf_config(file.metadata, dtype)
     config = config.replace(tie_embeddings="output.weight" not in {t.name for t in file.tensors})
+    converted = _read_converted(os.fspath(path)) if cache else None
+    if converted is not None:
+        return config, assemble_params(config, converted, source=os.fspath(path)), file.metadata
     permuted = file.metadata["general.architecture"] == "llama"
 
     tensors = {}
@@ -259,4 +311,6 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32"):
             w = _unpermute(w, config.num_kv_heads)
         tensors[target] = w.T if target.endswith("/kernel") else w
     params = assemble_params(config, tensors, source=os.fspath(path))
+    if cache:
+        _write_converted(os.fspath(path), tensors)
     return config, params, file.metadata
