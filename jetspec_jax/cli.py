@@ -160,7 +160,8 @@ def decode_config(args, model, head):
         raise UserError(f"--depth must be in [1, {head_cfg.block_size - 1}] for this head")
     lookup = args.lookup if args.lookup is not None else DEFAULT_LOOKUP[_platform()]
     try:
-        if mode == "chain":
+        if mode == "chain":  # the head's own chain: the measured lookup default is for trees
+            lookup = 0 if args.lookup is None else lookup
             tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain", lookup=lookup)
         else:
             budget = args.budget if args.budget is not None else default_budget()

@@ -160,6 +160,8 @@ def test_default_tree_budget_follows_the_backend():
     # the default lookup shrinks to fit a small tree; an explicit one that does not fit is an error
     assert decode_config(build_parser().parse_args(["hi", "--budget", "2"]), model, (head, None)).tree.lookup == 1
     assert decode_config(build_parser().parse_args(["hi", "--lookup", "0"]), model, (head, None)).tree.lookup == 0
+    chain = decode_config(build_parser().parse_args(["hi", "--mode", "chain", "--depth", "1"]), model, (head, None))
+    assert chain.tree.kind == "chain" and chain.tree.lookup == 0  # a chain drafts with the head alone
     with pytest.raises(UserError, match="lookup 4 must be below the budget 4"):
         decode_config(build_parser().parse_args(["hi", "--lookup", "4"]), model, (head, None))
     from jetspec_jax.cli import resolved_dtype
