@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from jetspec_jax.errors import UserError
 
@@ -213,18 +214,37 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program of a run
 
 
+def check_output(path: str) -> None:
+    """Fail before loading anything when --output cannot be written (the file is left as it is)."""
+    target = Path(path)
+    parent = target.parent
+    if target.is_dir():
+        raise UserError(f"cannot write --output {path}: it is a directory")
+    if not parent.is_dir():
+        raise UserError(f"cannot write --output {path}: no directory {parent}")
+    if not os.access(target if target.exists() else parent, os.W_OK):
+        raise UserError(f"cannot write --output {path}: permission denied")
+
+
+def open_output(path: str):
+    """The --output file, opened for writing; a path that cannot be written is a UserError."""
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write --output {path}: {e.strerror or e}") from None
+
+
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    if args.temperature < 0:
-        raise UserError("--temperature must be >= 0")
-    if not 0 < args.top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
-    if args.top_k < 0:
-        raise UserError("--top-k must be >= 0")
+    from jetspec_jax.sampling import validate_sampling
+
+    validate_sampling(args.temperature, args.top_k, args.top_p)  # before the minutes of loading
+    if args.output:
+        check_output(args.output)
     from jetspec_jax.sharding import make_mesh, parse_mesh
 
     mesh_sizes = parse_mesh(args.mesh) if args.mesh is not None else None  # bad syntax fails early
@@ -248,7 +268,7 @@ def run(argv=None) -> int:
         params["head"] = head[1]
     runner = Runner(params, config, model.tokenizer, mesh=mesh)
     writer = jax.process_index() == 0  # every process decodes; the first one reports
-    out = open(args.output, "w", encoding="utf-8") if args.output and writer else None
+    out = open_output(args.output) if args.output and writer else None
     try:
         for lo in range(0, len(requests), args.batch_size):
             batch = requests[lo: lo + args.batch_size]

@@ -19,6 +19,7 @@ import numpy as np
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import DraftHead, init_head_cache
 from jetspec_jax.model import Transformer, init_cache
+from jetspec_jax.sampling import validate_sampling
 from jetspec_jax.sharding import (as_mesh, constrain_state, traced_on, padded_batch, place_replicated, place_rows,
                                 shard_params, to_host)
 from jetspec_jax.step import (DecodeConfig, DecodeState, SamplingParams, map_rows, speculative_step,
@@ -154,15 +155,10 @@ class Generation:
 
 def make_sampling(batch, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=()) -> SamplingParams:
     """Per-row sampling arrays from scalars or per-row sequences; validates ranges."""
+    validate_sampling(temperature, top_k, top_p)  # before the int cast hides a fractional top-k
     t = np.broadcast_to(np.asarray(temperature, np.float32), (batch,))
     k = np.broadcast_to(np.asarray(top_k, np.int32), (batch,))
     p = np.broadcast_to(np.asarray(top_p, np.float32), (batch,))
-    if np.any(t < 0) or not np.all(np.isfinite(t)):
-        raise UserError("temperature must be a finite number >= 0")
-    if np.any(k < 0):
-        raise UserError("top-k must be >= 0 (0 turns it off)")
-    if np.any(~(p > 0) | (p > 1)):
-        raise UserError("top-p must be in (0, 1]")
     stop = list(dict.fromkeys(int(s) for s in stop_ids))
     if len(stop) > MAX_STOP_IDS:
         raise UserError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop)}")

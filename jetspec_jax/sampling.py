@@ -22,18 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jetspec_jax.errors import UserError
+
 _BLOCK = 128  # vocabulary block for two-level inverse-CDF sampling
 
 
 def validate_sampling(temperature, top_k, top_p) -> None:
-    """Host-side check of sampling values (scalars or arrays); raises ValueError with one line."""
+    """The one check of sampling values (scalars or per-row arrays), on the host: the CLI calls it
+    before loading anything, `decode.make_sampling` before building the arrays. Raises UserError
+    (one line, in the CLI's option names)."""
     temperature, top_k, top_p = (np.asarray(v) for v in (temperature, top_k, top_p))
     if not np.all(np.isfinite(temperature) & (temperature >= 0)):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
+        raise UserError(f"--temperature must be a finite number >= 0, got {_shown(temperature)}")
     if not np.all(top_k == np.round(top_k)) or not np.all(top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k.tolist()}")
+        raise UserError(f"--top-k must be a whole number >= 0 (0 turns it off), got {_shown(top_k)}")
     if not np.all((top_p > 0) & (top_p <= 1)):
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p.tolist()}")
+        raise UserError(f"--top-p must be in (0, 1] (1 turns it off), got {_shown(top_p)}")
+
+
+def _shown(values: np.ndarray) -> str:
+    return str(values.tolist())
 
 
 def processed_logprobs(logits, temperature, top_k, top_p) -> jax.Array:

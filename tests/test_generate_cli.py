@@ -89,6 +89,8 @@ BAD_INPUTS = [
     (["--max-new-tokens", "100000"], [{"prompt_ids": [1, 2]}], "exceeds"),
     (["--mode", "tree"], [{"prompt_ids": [1, 2]}], "needs a draft head"),
     (["--mode", "sideways"], [{"prompt_ids": [1, 2]}], "invalid choice"),
+    (["--output", "/nonexistent-dir/out.jsonl"], [{"prompt_ids": [1, 2]}], "cannot write --output"),
+    (["--output", "/"], [{"prompt_ids": [1, 2]}], "it is a directory"),
 ]
 
 

@@ -14,6 +14,7 @@ import pytest
 from scipy.stats import chisquare
 
 from jetspec_jax import sampling
+from jetspec_jax.errors import UserError
 from jetspec_jax.sampling import processed_logprobs, sample_tokens, validate_sampling
 
 # Jitted once per shape (as callers use them); op-by-op dispatch would be slower to test.
@@ -231,16 +232,16 @@ def test_no_recompile_when_values_change():
 @pytest.mark.parametrize(
     "values,message",
     [
-        ((-0.1, 0, 1.0), "temperature must be finite and >= 0"),
-        ((float("nan"), 0, 1.0), "temperature must be finite and >= 0"),
-        ((1.0, -1, 1.0), "top_k must be an integer >= 0"),
-        ((1.0, 2.5, 1.0), "top_k must be an integer >= 0"),
-        ((1.0, 0, 0.0), r"top_p must be in \(0, 1\]"),
-        ((1.0, 0, 1.5), r"top_p must be in \(0, 1\]"),
+        ((-0.1, 0, 1.0), "--temperature must be a finite number >= 0"),
+        ((float("nan"), 0, 1.0), "--temperature must be a finite number >= 0"),
+        ((1.0, -1, 1.0), "--top-k must be a whole number >= 0"),
+        ((1.0, 2.5, 1.0), "--top-k must be a whole number >= 0"),
+        ((1.0, 0, 0.0), r"--top-p must be in \(0, 1\]"),
+        ((1.0, 0, 1.5), r"--top-p must be in \(0, 1\]"),
     ],
 )
 def test_validate_sampling_rejects_bad_values(values, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         validate_sampling(*values)
 
 
