@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jetspec_jax.cache import write_rows
 from jetspec_jax.kernels import tree_attention
+from jetspec_jax.moe import SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -126,9 +127,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer (Llama / Qwen2 / Qwen3)."""
+    """Pre-norm decoder layer (Llama / Qwen2 / Qwen3 / Qwen3-MoE).
+
+    sparse: the feed-forward is the top-k routed MoE block (moe.py, Qwen3-MoE's sparse layers;
+    `ModelConfig.is_sparse_layer`) instead of the dense MLP.
+    """
 
     config: object  # ModelConfig (or the head's config with the same fields)
+    sparse: bool = False
 
     def setup(self):
         c = self.config
@@ -141,7 +147,11 @@ class DecoderLayer(nn.Module):
             attention_impl=c.attention_impl, hidden_size=c.hidden_size, dtype=dtype,
             o_bias=getattr(c, "o_bias", False), name="attn",
         )
-        self.mlp = MLP(c.intermediate_size, dtype, name="mlp")
+        if self.sparse:
+            self.mlp = SparseMoE(c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob,
+                                 dtype, name="mlp")
+        else:
+            self.mlp = MLP(c.intermediate_size, dtype, name="mlp")
 
     def __call__(self, x, cos, sin, cache_k, cache_v, lengths, tree_mask):
         h, cache_k, cache_v = self.attn(self.input_norm(x), cos, sin, cache_k, cache_v, lengths, tree_mask)

@@ -12,6 +12,8 @@ them as below and call `fuse`, writers call `split`. Kernels are (in, out) as in
     attn/v_proj/kernel  (d, Hkv*Dh)             mlp/gate_up_proj/kernel (d, 2, F)
     attn/{q,k,v}_proj/bias
     mlp/gate_proj/kernel (d, F), mlp/up_proj/kernel (d, F)
+    mlp/experts/gate_proj (E, d, F)             mlp/experts/gate_up_proj (E, d, 2, F)
+    mlp/experts/up_proj   (E, d, F)             (MoE layers: E experts stacked, see moe.py)
 
 G = H / Hkv query heads share a KV head. KV group j holds its G query heads (heads jG..jG+G-1,
 the heads that attend with KV head j) followed by its key and its value head, so splitting the
@@ -81,6 +83,11 @@ def fuse(flat: dict, num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
         if all(n in flat for n in names):
             gate, up = (out.pop(n) for n in names)
             out[f"{prefix}mlp/gate_up_proj/kernel"] = _xp([gate, up]).stack([gate, up], axis=-2)
+    for prefix in _prefixes(flat, "experts/gate_proj"):
+        names = [f"{prefix}experts/{p}" for p in _MLP]
+        if all(n in flat for n in names):
+            gate, up = (out.pop(n) for n in names)
+            out[f"{prefix}experts/gate_up_proj"] = _xp([gate, up]).stack([gate, up], axis=-2)
     return out
 
 
@@ -101,6 +108,10 @@ def split(flat: dict, num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
         prefix = key[: -len("gate_up_proj/kernel")]
         x = out.pop(key)
         out[f"{prefix}gate_proj/kernel"], out[f"{prefix}up_proj/kernel"] = x[..., 0, :], x[..., 1, :]
+    for key in [k for k in flat if k.endswith("experts/gate_up_proj")]:
+        prefix = key[: -len("gate_up_proj")]
+        x = out.pop(key)
+        out[f"{prefix}gate_proj"], out[f"{prefix}up_proj"] = x[..., 0, :], x[..., 1, :]
     return out
 
 

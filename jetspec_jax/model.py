@@ -1,4 +1,4 @@
-"""The target LLM: one decoder for Qwen3, Qwen2/2.5 and Llama/SmolLM2, used purely.
+"""The target LLM: one decoder for Qwen3, Qwen3-MoE, Qwen2/2.5 and Llama/SmolLM2, used purely.
 
     logits, taps, cache = Transformer(cfg).apply({"params": p}, tokens, positions, cache, tree_mask)
 
@@ -26,7 +26,7 @@ class Transformer(nn.Module):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=dtype, name="embed")
-        self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.layers = [DecoderLayer(c, c.is_sparse_layer(i), name=f"layers_{i}") for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, dtype, name="final_norm")
         if not c.tie_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, name="lm_head")

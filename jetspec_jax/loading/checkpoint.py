@@ -38,14 +38,18 @@ _PARAMS_DIR = "params"
 def abstract_params(config: ModelConfig):
     """The params pytree of `config` as jax.ShapeDtypeStruct leaves (nothing is allocated).
 
-    Traced from `init_params` with one layer and the layer entry repeated: every decoder layer
-    has the same parameters, and tracing all of them costs seconds for a 30-layer model.
+    Traced from `init_params` with one layer of each kind and those entries repeated: every dense
+    decoder layer has the same parameters, and so has every sparse (MoE) one, and tracing all of
+    them costs seconds for a 30-layer model.
     Cached per config and shared between layers: treat the result as read-only.
     """
-    one_layer = config.replace(num_layers=1)
-    tree = dict(jax.eval_shape(functools.partial(init_params, one_layer), jax.random.key(0)))
-    layer = tree.pop("layers_0")
-    return {**tree, **{f"layers_{i}": layer for i in range(config.num_layers)}}
+    kinds = {}  # sparse? -> one layer's params
+    tree = {}
+    for sparse in sorted({config.is_sparse_layer(i) for i in range(config.num_layers)}):
+        one_layer = config.replace(num_layers=1, decoder_sparse_step=1, mlp_only_layers=() if sparse else (0,))
+        tree = dict(jax.eval_shape(functools.partial(init_params, one_layer), jax.random.key(0)))
+        kinds[sparse] = tree.pop("layers_0")
+    return {**tree, **{f"layers_{i}": kinds[config.is_sparse_layer(i)] for i in range(config.num_layers)}}
 
 
 def assemble_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], source: str):
