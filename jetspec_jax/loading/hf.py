@@ -2,10 +2,16 @@
 
     config, params = load_hf_dir("path/to/Qwen3-0.6B", dtype="float32")
 
-Supported `model_type`s: qwen3, qwen2, llama (SmolLM2 is llama). Weights come from
+Supported `model_type`s: qwen3, qwen3_moe, qwen2, llama (SmolLM2 is llama). Weights come from
 `model.safetensors` or the shards a `model.safetensors.index.json` lists, read without torch
 (safetensors' flax reader, so bfloat16 files work). torch Linear weights (out, in) are transposed
 to our Dense kernels (in, out).
+
+Qwen3-MoE experts are read in either on-disk layout: one tensor per expert and projection,
+`mlp.experts.{e}.{gate,up,down}_proj.weight` (HF checkpoints, and what transformers 5.x
+`save_pretrained` writes), or the fused 3D tensors transformers 5.x holds in memory,
+`mlp.experts.gate_up_proj` (E, 2F, d) and `mlp.experts.down_proj` (E, d, F). Both become the
+stacked kernels of moe.py.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
 from jetspec_jax.loading.checkpoint import assemble_params
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen2", "llama")
 
 _LAYER_TENSORS = {
     "input_layernorm.weight": "input_norm/scale",
@@ -38,6 +44,20 @@ _LAYER_TENSORS = {
     "mlp.gate_proj.weight": "mlp/gate_proj/kernel",
     "mlp.up_proj.weight": "mlp/up_proj/kernel",
     "mlp.down_proj.weight": "mlp/down_proj/kernel",
+    "mlp.gate.weight": "mlp/router/kernel",  # Qwen3-MoE router (E, d)
+}
+# Qwen3-MoE experts, one tensor per expert: "mlp.experts.{e}.<name>" -> stacked (E, ...) param.
+_EXPERT_TENSORS = {
+    "gate_proj.weight": "mlp/experts/gate_proj",
+    "up_proj.weight": "mlp/experts/up_proj",
+    "down_proj.weight": "mlp/experts/down_proj",
+}
+# Config fields of other MoE families (shared experts, other routers) that Qwen3-MoE lacks: a
+# config that sets one would need arithmetic we do not have. field -> the value that means "off".
+_UNSUPPORTED_MOE_FIELDS = {
+    "shared_expert_intermediate_size": 0, "n_shared_experts": 0, "num_shared_experts": 0,
+    "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "routed_scaling_factor": 1.0, "moe_layer_freq": 1, "first_k_dense_replace": 0,
 }
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "embed/embedding",
@@ -84,6 +104,7 @@ def hf_config(raw: dict, dtype: str = "float32") -> ModelConfig:
     # Llama/Qwen3 `attention_bias` also puts a bias on o_proj, which our model does not have.
     if model_type != "qwen2" and raw.get("attention_bias"):
         raise UserError(f"attention_bias (with an o_proj bias) is not supported for {model_type}")
+    moe = _moe_fields(raw) if model_type == "qwen3_moe" else {}
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
@@ -97,16 +118,46 @@ def hf_config(raw: dict, dtype: str = "float32") -> ModelConfig:
             intermediate_size=int(raw["intermediate_size"]),
             rope_theta=_rope_theta(raw),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             qkv_bias=model_type == "qwen2",
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
             dtype=dtype,
+            **moe,
         )
     except KeyError as e:
         raise UserError(f"config.json lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"bad config.json: {e}") from None
+
+
+def _moe_fields(raw: dict) -> dict:
+    """ModelConfig's MoE fields from a qwen3_moe config.json (transformers 5.x writes the expert
+    count as `num_local_experts`, Qwen's own configs as `num_experts`)."""
+    for field, off in _UNSUPPORTED_MOE_FIELDS.items():
+        if raw.get(field) not in (None, off):
+            raise UserError(f"unsupported MoE option {field}={raw[field]!r} for qwen3_moe (only top-k softmax "
+                            f"routing without shared experts is implemented)")
+    counts = {raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None}
+    if len(counts) > 1:
+        raise UserError(f"config.json gives two expert counts: num_experts and num_local_experts {sorted(counts)}")
+    try:
+        num_experts = int(counts.pop()) if counts else 128  # Qwen3MoeConfig's default
+        top_k = int(raw.get("num_experts_per_tok", 8))
+        fields = dict(
+            num_experts=num_experts, num_experts_per_tok=top_k,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size", 768)),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(raw.get("decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+        )
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad MoE field in config.json: {e}") from None
+    if num_experts < 0 or (num_experts and not 0 < top_k <= num_experts):
+        raise UserError(f"num_experts_per_tok={top_k} must be between 1 and num_experts={num_experts}")
+    if fields["decoder_sparse_step"] < 1 or fields["moe_intermediate_size"] < 1:
+        raise UserError("decoder_sparse_step and moe_intermediate_size must be >= 1")
+    return fields
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -122,17 +173,50 @@ def _shard_files(path: Path) -> list[Path]:
     raise UserError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def _param_path(name: str) -> str | None:
+def _param_path(name: str) -> tuple[str, int | None] | None:
+    """HF tensor name -> (our param path, expert index or None), or None if unknown."""
     if name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[name]
+        return _GLOBAL_TENSORS[name], None
     parts = name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in _LAYER_TENSORS:
-        return f"layers_{parts[2]}/{_LAYER_TENSORS[parts[3]]}"
+    if len(parts) != 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return None
+    layer, rest = f"layers_{parts[2]}/", parts[3]
+    if rest in _LAYER_TENSORS:
+        return layer + _LAYER_TENSORS[rest], None
+    expert = rest.split(".", 3)  # "mlp.experts.{e}.gate_proj.weight" or fused "mlp.experts.gate_up_proj"
+    if expert[:2] == ["mlp", "experts"] and len(expert) == 4 and expert[2].isdigit() and expert[3] in _EXPERT_TENSORS:
+        return layer + _EXPERT_TENSORS[expert[3]], int(expert[2])
+    if rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+        return layer + rest.replace(".", "/"), None
     return None
 
 
+def _host_layout(target: str, w: np.ndarray) -> dict[str, np.ndarray]:
+    """One HF tensor (torch layout) -> our param(s): Linear weights transposed to (in, out)."""
+    if target.endswith("experts/gate_up_proj") and w.ndim == 3:  # fused (E, 2F, d): gate rows, then up rows
+        gate, up = np.split(w, 2, axis=1)
+        prefix = target[: -len("gate_up_proj")]
+        return {prefix + "gate_proj": gate.transpose(0, 2, 1), prefix + "up_proj": up.transpose(0, 2, 1)}
+    if target.endswith("experts/down_proj") and w.ndim == 3:  # fused (E, d, F)
+        return {target: w.transpose(0, 2, 1)}
+    if target.endswith(("/kernel", "_proj")):  # per-expert projections end in "_proj"
+        return {target: w.T}
+    return {target: w}
+
+
+def _stack_experts(experts: dict, tensors: dict, config: ModelConfig) -> None:
+    """{(param, e): (in, out)} -> tensors[param] = (E, in, out); UserError if an expert is missing."""
+    for target in sorted({t for t, _ in experts}):
+        have = {e for t, e in experts if t == target}
+        want = set(range(config.num_experts))
+        if have != want:
+            what = f"lacks expert {min(want - have)}" if want - have else f"has an extra expert {max(have - want)}"
+            raise UserError(f"{target}: the checkpoint {what} (num_experts={config.num_experts})")
+        tensors[target] = np.stack([experts[(target, e)] for e in range(config.num_experts)])
+
+
 def _read_tensors(files: list[Path], config: ModelConfig) -> dict[str, np.ndarray]:
-    tensors = {}
+    tensors, experts = {}, {}
     for file in files:
         if not file.is_file():
             raise UserError(f"missing safetensors shard: {file}")
@@ -141,13 +225,18 @@ def _read_tensors(files: list[Path], config: ModelConfig) -> dict[str, np.ndarra
                 for name in f.keys():
                     if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
                         continue
-                    target = _param_path(name)
-                    if target is None:
+                    found = _param_path(name)
+                    if found is None:
                         raise UserError(f"unexpected tensor {name!r} in {file}")
-                    w = np.asarray(f.get_tensor(name))
-                    tensors[target] = w.T if target.endswith("/kernel") else w
+                    target, expert = found
+                    for key, value in _host_layout(target, np.asarray(f.get_tensor(name))).items():
+                        if expert is None:
+                            tensors[key] = value
+                        else:
+                            experts[(key, expert)] = value
         except SafetensorError as e:
             raise UserError(f"cannot read {file} (truncated or corrupt?): {e}") from None
+    _stack_experts(experts, tensors, config)
     return tensors
 
 
