@@ -12,7 +12,7 @@ collectives). `decode.py` pins the state's layout inside its jitted functions wi
 Mesh axes:
     dp  batch rows (each row's caches, tokens and sampling values live on one dp slice)
     tp  attention heads (q/o projections, KV caches when the KV heads divide evenly), the MLP
-        hidden width and the vocabulary (when it divides evenly)
+        hidden width (each MoE expert's too) and the vocabulary (when it divides evenly)
 
 Every array is described by logical axis names; `logical_rules` maps them to mesh axes for one
 model. Worked example, SmolLM2-135M (9 query / 3 KV heads, head_dim 64, ffn 1536, vocab 49152)
@@ -51,6 +51,11 @@ PARAM_AXES = {
     ("k_norm", "scale"): ("head_dim",),
     ("gate_up_proj", "kernel"): ("embed", None, "mlp"),  # (d, 2, F)
     ("down_proj", "kernel"): ("mlp", "embed"),
+    # MoE layers (moe.py): experts stacked on a leading axis, each expert's width split like the
+    # dense MLP's, so every device runs every expert on its slice; the router is replicated.
+    ("router", "kernel"): ("embed", None),  # (d, E)
+    ("experts", "gate_up_proj"): (None, "embed", None, "mlp"),  # (E, d, 2, F)
+    ("experts", "down_proj"): (None, "mlp", "embed"),  # (E, F, d)
     ("fc", "kernel"): ("features", "embed"),  # the head's tap projection, taps*d -> d
     ("d2t",): (None,),  # a reduced-vocabulary head's draft ids (K,) int32: replicated
     ("input_norm", "scale"): ("embed",),
@@ -113,7 +118,8 @@ def _axis(mesh: Mesh, name: str) -> int:
 
 
 def check_mesh_fits(model_config, head_config, mesh: Mesh) -> None:
-    """One-line UserError unless tp divides the query heads and MLP width of target and head.
+    """One-line UserError unless tp divides the query heads and MLP widths of target and head
+    (for a MoE target, the experts' width on its sparse layers, the dense width on the others).
 
     KV heads and the vocabulary that tp does not divide are replicated (see `logical_rules`).
     """
@@ -121,10 +127,18 @@ def check_mesh_fits(model_config, head_config, mesh: Mesh) -> None:
     for what, cfg in (("target", model_config), ("draft head", head_config)):
         if cfg is None:
             continue
-        for field, size in (("attention heads", cfg.num_heads), ("MLP width", cfg.intermediate_size)):
+        widths = _mlp_widths(cfg)
+        for field, size in (("attention heads", cfg.num_heads), *widths):
             if size % tp:
-                raise UserError(f"mesh tp={tp} does not divide the {what}'s {size} {field}; "
-                                f"use a tp that divides {cfg.num_heads} heads and {cfg.intermediate_size}")
+                raise UserError(f"mesh tp={tp} does not divide the {what}'s {size} {field}; use a tp that "
+                                f"divides {cfg.num_heads} heads and {' and '.join(str(w) for _, w in widths)}")
+
+
+def _mlp_widths(cfg) -> list:
+    """[(name, width)] of the feed-forward widths `cfg`'s layers use (the head has no experts)."""
+    sparse = [getattr(cfg, "is_sparse_layer", lambda i: False)(i) for i in range(cfg.num_layers)]
+    widths = [] if all(sparse) else [("MLP width", cfg.intermediate_size)]
+    return widths + ([("expert MLP width", cfg.moe_intermediate_size)] if any(sparse) else [])
 
 
 def logical_rules(cfg, mesh: Mesh, vocab_size: int) -> dict:
