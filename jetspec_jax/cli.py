@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from jetspec_jax.errors import UserError
@@ -259,9 +260,11 @@ def run(argv=None) -> int:
     from jetspec_jax.loading import load_model
     from jetspec_jax.runner import Runner
 
+    t_load = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype)
     requests = read_requests(args, model.tokenizer)
     head = load_head(args, model)
+    load_seconds = time.perf_counter() - t_load
     config = decode_config(args, model, head)
     params = {"target": model.params}
     if head is not None and config.head is not None:
@@ -295,7 +298,8 @@ def run(argv=None) -> int:
                     print(f"[{config_name(config)}] {s['new_tokens']} tokens, tau {tau:.2f} tokens/round "
                           f"({s['rounds']} rounds); decoding {s['decode_seconds']:.2f}s = "
                           f"{s['decode_tokens_per_second']} tok/s; with prefill {s['seconds']:.2f}s = "
-                          f"{s['tokens_per_second']} tok/s", file=sys.stderr)
+                          f"{s['tokens_per_second']} tok/s; load {load_seconds:.2f}s, compile "
+                          f"{runner.compile_seconds:.2f}s", file=sys.stderr)
     finally:
         if out is not None:
             out.close()

@@ -170,10 +170,42 @@ def make_sampling(batch, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=(
     )
 
 
-def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
-          top_k=0, top_p=1.0, seed=0, stop_ids=(), capacity: int | None = None,
-          mesh=None) -> DecodeState:
+@dataclasses.dataclass(frozen=True)
+class PrefillInputs:
+    """What `prefill` is called with: the padded arrays and the static values that, with the
+    params and the DecodeConfig, decide the compiled programs (prompt shape, capacity, mesh)."""
+
+    arrays: tuple  # prompt (B, P), prompt_lens (B,), max_new (B,), SamplingParams
+    capacity: int
+    mesh: object
+
+    @property
+    def program_key(self) -> tuple:
+        """Equal keys <-> the same compiled prefill and decoding loop."""
+        return (self.arrays[0].shape, self.capacity, self.mesh)
+
+
+def start(params, prompts, config: DecodeConfig, **kwargs) -> DecodeState:
     """Validate and pad the prompts (lists of token ids), then prefill. Returns the first state.
+
+    Keyword arguments as `prefill_inputs`.
+    """
+    inputs = prefill_inputs(prompts, config, **kwargs)
+    return prefill(params, *inputs.arrays, config=config, capacity=inputs.capacity, mesh=inputs.mesh)
+
+
+def compile_programs(params, inputs: PrefillInputs, config: DecodeConfig) -> None:
+    """Compile prefill and the decoding loop for these inputs' shapes without running either
+    (`jit(...).lower(...).compile()`): later calls with the same shapes reuse the programs."""
+    pre = prefill.lower(params, *inputs.arrays, config=config, capacity=inputs.capacity,
+                        mesh=inputs.mesh).compile()
+    decode.lower(params, pre.out_info, jnp.int32(0), config=config, mesh=inputs.mesh).compile()
+
+
+def prefill_inputs(prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,
+                   top_k=0, top_p=1.0, seed=0, stop_ids=(), capacity: int | None = None,
+                   mesh=None) -> PrefillInputs:
+    """Validate and pad the prompts (lists of token ids) into `prefill`'s inputs, on the host.
 
     capacity: cache slots per row; by default the bucket these prompts need. A larger fixed value
     lets states of different prompt batches share one compiled loop (see `batcher.py`).
@@ -221,8 +253,7 @@ def start(params, prompts, config: DecodeConfig, *, max_new_tokens: int, tempera
         prompt, lens, max_new = place_rows((prompt, lens, max_new), mesh)
         sampling = map_rows(lambda x: place_rows(x, mesh), sampling)
         sampling = sampling.replace(stop_ids=place_replicated(sampling.stop_ids, mesh))
-    return prefill(params, jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(max_new), sampling,
-                   config=config, capacity=capacity, mesh=mesh)
+    return PrefillInputs((jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(max_new), sampling), capacity, mesh)
 
 
 def results(state: DecodeState) -> list:

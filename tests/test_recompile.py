@@ -50,3 +50,50 @@ def test_no_compilation_after_warm_up(mode):
     with count_compiles() as c:
         run([[1, 2, 3]], max_new_tokens=20)
     assert c["n"] > 0
+
+
+def test_runner_warm_up_compiles_without_computing_and_is_keyed_on_the_program():
+    """`Runner._warm_up` compiles prefill and the loop ahead of time (no prefill is run: the model
+    is never called on the prompts) for the shapes that decide the program: a prompt of another
+    length in the same bucket, or another max-new-tokens within the same cache capacity, is not
+    warmed up again and compiles nothing."""
+    from jetspec_jax import decode as decoding
+    from jetspec_jax.runner import Runner
+
+    params = {"target": init_params(TARGET, jax.random.PRNGKey(0)),
+              "head": init_head_params(HEAD, jax.random.PRNGKey(1))}
+    config = DecodeConfig(target=TARGET, head=HEAD, tree=TreeConfig(6, 2, 3))
+    runner = Runner(params, config)
+    calls = []
+    real_prefill = decoding.prefill
+    try:
+        decoding.prefill = _Spy(real_prefill, calls)
+        with count_compiles() as c:
+            runner._warm_up([[1, 2, 3]], dict(max_new_tokens=20))
+        assert c["n"] >= 2 and runner.compile_seconds > 0  # prefill and the loop
+        assert calls == []  # compiled, never run
+    finally:
+        decoding.prefill = real_prefill
+    first = runner.run([[1, 2, 3]], max_new_tokens=20)[0]
+    assert first.ids == generate(params, [[1, 2, 3]], config, max_new_tokens=20)[0].ids
+    seconds = runner.compile_seconds
+    with count_compiles() as c:
+        runner.run([[5] * 11], max_new_tokens=24)  # bucket 16, same capacity
+    assert c["n"] == 0 and runner.compile_seconds == seconds
+    with count_compiles() as c:
+        runner.run([[5] * 17], max_new_tokens=24)  # bucket 32: a new program, compiled in the warm-up
+    assert c["n"] > 0 and runner.compile_seconds > seconds
+
+
+class _Spy:
+    """Stands in for the jitted `prefill`: records calls, forwards `.lower` to the real one."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(1)
+        return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self.fn.lower(*args, **kwargs)
