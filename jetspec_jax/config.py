@@ -70,13 +70,3 @@ class ModelConfig:
         """Whether decoder layer i runs the MoE block (HF Qwen3MoeDecoderLayer's rule)."""
         return (self.num_experts > 0 and i not in self.mlp_only_layers
                 and (i + 1) % self.decoder_sparse_step == 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """Static sampling switches. The values (temperature, top-k, top-p) are per-row arrays.
-
-    `sample=False` compiles a greedy-only program (argmax everywhere, no sorting of the vocab).
-    """
-
-    sample: bool = False
