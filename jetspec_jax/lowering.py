@@ -23,22 +23,56 @@ import jax
 import jax.numpy as jnp
 
 from jetspec_jax.config import ModelConfig
-from jetspec_jax.head import HeadConfig, init_head_params
+from jetspec_jax.head import init_head_params
+from jetspec_jax.loading.head_io import head_config_from_hf
 from jetspec_jax.model import init_params
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 
-# Qwen3-8B (HF config.json of Qwen/Qwen3-8B) and a draft head laid out as the published
-# Qwen3-8B DFlash/JetSpec heads: 5 layers tapping 5 target layers, block size 16.
+# Qwen3-8B (HF config.json of Qwen/Qwen3-8B).
 QWEN3_8B = ModelConfig(vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
                        head_dim=128, intermediate_size=12288, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                        qk_norm=True, tie_embeddings=False, max_position_embeddings=40960, dtype="bfloat16")
-QWEN3_8B_HEAD = HeadConfig(hidden_size=4096, num_layers=5, num_heads=32, num_kv_heads=8, head_dim=128,
-                           intermediate_size=12288, vocab_size=151936, num_target_layers=36,
-                           mask_token_id=151669, block_size=16,  # taps: the default, (1, 9, 17, 25, 33)
-                           rope_theta=1_000_000.0, dtype="bfloat16")
+
+# config.json of the published JetSpec Qwen3-8B head (JetSpec/jetspec-qwen3-8b on Hugging Face),
+# parsed by the same reader as a downloaded head, so the lowered programs run the published layout:
+# 5 causal layers tapping target layers (1, 9, 17, 25, 33), block size 16, mask token 151669.
+# Where each key comes from (and which values could not be read off the file itself):
+# tests/test_published_head.py.
+QWEN3_8B_HEAD_HF = {
+    "architectures": ["DFlashDraftModel"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+    "block_size": 16,
+    "bos_token_id": 151643,
+    "dflash_config": {"causal_head": True, "mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33]},
+    "dtype": "bfloat16",
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 12288,
+    "layer_types": ["full_attention"] * 5,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 5,
+    "model_type": "qwen3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 5,
+    "num_key_value_heads": 8,
+    "num_target_layers": 36,
+    "rms_norm_eps": 1e-06,
+    "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+QWEN3_8B_HEAD = head_config_from_hf(QWEN3_8B_HEAD_HF, dtype="bfloat16")
 
 
 def qwen3_8b_config(budget: int, attention_impl: str = "auto", head_dim: int | None = None,

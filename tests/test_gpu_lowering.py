@@ -1,5 +1,6 @@
 """The GPU path, checked without a GPU: prefill and the decoding loop at Qwen3-8B shapes (bf16,
-a 5-layer head tapping 5 layers, an 8192-slot cache) lowered for CUDA from abstract parameters.
+the published JetSpec Qwen3-8B head's layout read from its config.json: 5 causal layers tapping
+5 target layers, block size 16; an 8192-slot cache) lowered for CUDA from abstract parameters.
 
 What a lowered program must show (jetspec_jax/lowering.py reads it):
 - the Pallas kernel as Triton calls, one per attention layer that runs: 36 verify layers and 5
@@ -26,18 +27,24 @@ import textwrap
 import pytest
 
 from jetspec_jax.kernels.tree_attn.pallas_kernel import MIN_PROGRAMS, default_block_sizes
-from jetspec_jax.lowering import QWEN3_8B, QWEN3_8B_HEAD, inspect_module, lower_decode, lower_prefill, qwen3_8b_config
+from jetspec_jax.loading.head_io import head_config_from_hf
+from jetspec_jax.lowering import (QWEN3_8B, QWEN3_8B_HEAD, QWEN3_8B_HEAD_HF, inspect_module, lower_decode,
+                                  lower_prefill, qwen3_8b_config)
 
 CAPACITY = 8192
 LAYERS, HEAD_LAYERS, KV_HEADS, HEAD_DIM = 36, 5, 8, 128
 
 
 def test_qwen3_8b_shapes():
-    # HF config.json of Qwen/Qwen3-8B; the head as the published Qwen3-8B DFlash heads.
+    # HF config.json of Qwen/Qwen3-8B; the head read from the published JetSpec Qwen3-8B head's
+    # config.json by the loader's own parser (tests/test_published_head.py: its sources).
     assert (QWEN3_8B.num_layers, QWEN3_8B.hidden_size, QWEN3_8B.num_heads, QWEN3_8B.num_kv_heads) == (36, 4096, 32, 8)
     assert (QWEN3_8B.head_dim, QWEN3_8B.intermediate_size, QWEN3_8B.vocab_size) == (128, 12288, 151936)
-    assert QWEN3_8B_HEAD.num_layers == 5 and len(QWEN3_8B_HEAD.target_layer_ids) == 5
-    assert QWEN3_8B_HEAD.block_size == 16
+    assert QWEN3_8B_HEAD == head_config_from_hf(QWEN3_8B_HEAD_HF, dtype="bfloat16")
+    assert QWEN3_8B_HEAD.num_layers == HEAD_LAYERS and QWEN3_8B_HEAD.target_layer_ids == (1, 9, 17, 25, 33)
+    assert (QWEN3_8B_HEAD.block_size, QWEN3_8B_HEAD.mask_token_id, QWEN3_8B_HEAD.causal) == (16, 151669, True)
+    # Every program below is built from that head (the mesh ones in subprocesses, through the same call).
+    assert qwen3_8b_config(16).head == QWEN3_8B_HEAD
 
 
 def test_default_tiling_fills_the_gpu_at_batch_1():

@@ -12,9 +12,19 @@ with torch names:
 Torch Linear weights are (out, in); Flax kernels are (in, out).
 
 Causal flag: JetSpec heads say `dflash_config.causal_head`; the `dflash` package (0.1.0) reads a
-top-level `is_causal` instead (absent means bidirectional). We accept either; when both are
-present they must agree, since the two readers would otherwise run different heads (UserError).
-Neither present -> bidirectional, as `dflash` does. `save_head_dir` writes both.
+top-level `is_causal` instead (absent means bidirectional), and vLLM reads `dflash_config.causal`
+(what NeMo's JetSpec exporter stamps). We accept any of the three; those present must agree, since
+the readers would otherwise run different heads (UserError). None present -> bidirectional, as
+`dflash` does. `save_head_dir` writes `causal_head` and `is_causal`.
+
+Draft values (`mask_token_id`, `target_layer_ids`, `block_size`, ...) are read from `dflash_config`
+first, then from the top level, as the `dflash` package reads them: published heads use both
+spellings (DFlash / JetSpec: `block_size` at the top level, the rest nested; DFlash2: all nested;
+some community heads: all at the top level).
+
+Config keys of variants this head does not compute are refused (one-line UserError), never
+ignored: DFlash2, sliding windows (`layer_types`, `use_swa`), attention sinks, partial rotary,
+JetSpec's hidden-size adapter (`target_hidden_size` != `hidden_size`), logit scaling / softcapping.
 
 Tensors other than the head's are refused (a different architecture, e.g. DFlash2, would
 otherwise load silently wrong), except rotary `inv_freq` buffers that older exports carry.
@@ -67,12 +77,22 @@ def _draft_value(raw: dict, name: str, default=None):
 
 
 def _causal_flag(raw: dict) -> bool:
-    causal_head = (raw.get("dflash_config") or {}).get("causal_head")
-    is_causal = raw.get("is_causal")
-    if causal_head is not None and is_causal is not None and bool(causal_head) != bool(is_causal):
-        raise UserError(f"dflash_config.causal_head={causal_head} disagrees with is_causal={is_causal}")
-    flag = causal_head if causal_head is not None else is_causal
-    return bool(flag) if flag is not None else False
+    nested = raw.get("dflash_config") or {}
+    flags = {}
+    for name in ("causal_head", "causal"):  # read like every draft value: nested, else top level
+        if nested.get(name) is not None:
+            flags[f"dflash_config.{name}"] = nested[name]
+        elif raw.get(name) is not None:
+            flags[name] = raw[name]
+    if raw.get("is_causal") is not None:
+        flags["is_causal"] = raw["is_causal"]
+    if not flags:
+        return False
+    (first, value), *others = flags.items()
+    for name, other in others:
+        if bool(other) != bool(value):
+            raise UserError(f"{first}={value} disagrees with {name}={other}")
+    return bool(value)
 
 
 def _rope_theta(raw: dict) -> float:
@@ -96,6 +116,18 @@ def _reject_unsupported(raw: dict) -> None:
     ]
     if any(t != "full_attention" for t in layer_types):
         raise UserError("sliding-window attention layers are not supported in draft heads")
+    if _draft_value(raw, "use_swa"):
+        raise UserError("sliding-window attention layers are not supported in draft heads (use_swa)")
+    if _draft_value(raw, "attention_sink_bias"):
+        raise UserError("attention sinks (attention_sink_bias) are not supported in draft heads")
+    rotary = (raw.get("rope_parameters") or {}).get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if rotary is not None and float(rotary) != 1.0:
+        raise UserError(f"partial_rotary_factor={rotary} is not supported (only full rotary, 1.0)")
+    target_hidden = _draft_value(raw, "target_hidden_size")
+    if target_hidden is not None and int(target_hidden) != int(raw["hidden_size"]):
+        # JetSpec would insert a HiddenDimAdapter before fc; this head has none.
+        raise UserError(f"target_hidden_size={target_hidden} differs from hidden_size={raw['hidden_size']} "
+                        "(a hidden-size adapter), which is not supported")
     for name, neutral in (("input_embedding_scale", 1.0), ("output_multiplier", 1.0)):
         if float(_draft_value(raw, name, neutral)) != neutral:
             raise UserError(f"{name}={_draft_value(raw, name)} is not supported (only {neutral})")
