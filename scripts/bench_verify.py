@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jetspec_jax.benchmark.synthetic import normal, random_like
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.model import Transformer, init_cache, init_params
 
@@ -53,26 +54,9 @@ REFERENCE_IMPL = "xla"
 
 
 def random_params(cfg: ModelConfig, seed: int):
-    """Random weights at cfg's shapes without running Flax init on 8B parameters.
-
-    `eval_shape` gives every leaf's shape for free; each leaf is then filled by a small jitted
-    generator (compiled once per distinct shape, about eight at Qwen3 shape). Norm scales are 1,
-    everything else N(0, 0.02), which keeps activations finite in bf16 through 36 layers.
-    """
+    """Random weights at cfg's shapes without running Flax init on 8B parameters (synthetic.py)."""
     shapes = jax.eval_shape(functools.partial(init_params, cfg.replace(attention_impl="xla")), jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    key = jax.random.key(seed)
-    filled = [
-        jnp.ones(leaf.shape, leaf.dtype) if getattr(path[-1], "key", None) == "scale"
-        else _normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype, 0.02)
-        for i, (path, leaf) in enumerate(leaves)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, filled)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _normal(key, shape, dtype, std):
-    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return random_like(shapes, seed)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -82,7 +66,7 @@ def random_cache(cfg: ModelConfig, capacity: int, key, prefix):
     The zeros `init_cache` builds are overwritten inside the jit, so they never materialize.
     """
     cache = init_cache(cfg, 1, capacity)
-    noise = lambda i, x: _normal(jax.random.fold_in(key, i), x.shape, x.dtype, 1.0)  # noqa: E731
+    noise = lambda i, x: normal(jax.random.fold_in(key, i), x.shape, x.dtype, 1.0)  # noqa: E731
     return cache.replace(
         k=tuple(noise(2 * i, x) for i, x in enumerate(cache.k)),
         v=tuple(noise(2 * i + 1, x) for i, x in enumerate(cache.v)),

@@ -3,8 +3,11 @@
 #   scripts/gpu_check.sh            # results under ${OUT:-./out}
 # 1. the tree-attention kernel tests compiled with Triton (pytest -m gpu);
 # 2. the tree-attention timing sweep (scripts/bench_tree_attention.py);
-# 3. one verification forward vs one AR step at Qwen3-8B shape (scripts/bench_verify.py).
-# Each step has its own time limit (150 + 120 + 180 s = 7.5 minutes at worst); all three always run.
+# 3. one verification forward vs one AR step at Qwen3-8B shape (scripts/bench_verify.py);
+# 4. the whole decoding loop at Qwen3-8B shape with the published head layout, N = 1, 64, 256, 16
+#    (scripts/bench_loop.py).
+# Each step has its own time limit (120 + 90 + 120 + 140 s = 7.8 minutes at worst); all four always
+# run. Every step's output goes to one log, gpu_check.log, so that the check writes 8 files.
 # What each output file holds, and how to call this on the device tool: docs/gpu.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,17 +32,28 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu_
   2>&1 | tee -a "$OUT/gpu_env.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_check: JAX sees no GPU" >&2; exit 1; }
 
-timeout 150 "$PY" -m pytest -m gpu tests/test_tree_attention.py -q -rs --durations=5 -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.txt"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+step() { echo "=== $*" >>"$LOG"; }
+
+step "kernel tests: pytest -m gpu tests/test_tree_attention.py"
+timeout 120 "$PY" -m pytest -m gpu tests/test_tree_attention.py -q -rs --durations=5 -p no:cacheprovider 2>&1 | tee -a "$LOG"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 120 "$PY" scripts/bench_tree_attention.py --out "$OUT" --deadline-s 90 2>&1 | tee "$OUT/bench_tree_attention.log"
+step "kernel timing: scripts/bench_tree_attention.py"
+timeout 90 "$PY" scripts/bench_tree_attention.py --out "$OUT" --deadline-s 65 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 
-# Whole model: each (N, attention impl) compiles the 36-layer forward once, so compiles dominate;
-# the script starts no case it expects to end past --deadline-s and rewrites its results after
-# every case, so the hard `timeout` (30 s later) still leaves what was measured.
-timeout 180 "$PY" scripts/bench_verify.py --out "$OUT" --deadline-s 150 2>&1 | tee "$OUT/bench_verify.log"
+# Whole model: each case compiles the 36-layer program once, so compiles dominate; the scripts
+# start no case they expect to end past --deadline-s and rewrite their results after every case,
+# so the hard `timeout` (25-30 s later) still leaves what was measured.
+step "model timing: scripts/bench_verify.py"
+timeout 120 "$PY" scripts/bench_verify.py --out "$OUT" --deadline-s 95 2>&1 | tee -a "$LOG"
 verify_rc=${PIPESTATUS[0]}
 
-echo "gpu_check: tests rc=$tests_rc, attention bench rc=$bench_rc, verify bench rc=$verify_rc; results in $OUT"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$verify_rc" -eq 0 ]
+step "decoding loop: scripts/bench_loop.py"
+timeout 140 "$PY" scripts/bench_loop.py --out "$OUT" --deadline-s 110 2>&1 | tee -a "$LOG"
+loop_rc=${PIPESTATUS[0]}
+
+echo "gpu_check: tests rc=$tests_rc, attention bench rc=$bench_rc, verify bench rc=$verify_rc, loop bench rc=$loop_rc; results in $OUT" | tee -a "$LOG"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$verify_rc" -eq 0 ] && [ "$loop_rc" -eq 0 ]
