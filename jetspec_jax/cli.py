@@ -53,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jetspec_jax.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", help="prompt text (chat template applied); or use --input")
     p.add_argument("--model", default="smollm2-135m",
-                   help="registered name, HF directory or .gguf file (default: smollm2-135m)")
+                   help="registered name, HF directory, .gguf file, or Hugging Face id Org/Name[@revision] "
+                        "(read from the HF cache, else downloaded; default: smollm2-135m)")
     p.add_argument("--draft", default=None,
-                   help="draft head directory, or 'none' (default: the head shipped for the model)")
+                   help="draft head directory or Hugging Face id Org/Name[@revision], or 'none' "
+                        "(default: the head shipped for the model)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="ar, chain or tree (default: tree with a draft head, else ar)")
     p.add_argument("--budget", type=int, default=None,
@@ -190,13 +192,14 @@ def load_head(args, model):
     """(HeadConfig, params) of the requested head, or None."""
     from jetspec_jax.head import check_head_fits
     from jetspec_jax.loading.head_io import load_head_dir
+    from jetspec_jax.loading.hub import local_or_snapshot
 
     path = args.draft
     if path is None:
         path = default_head_path(args.model)
     if path is None or path == "none":
         return None
-    cfg, params = load_head_dir(path, dtype=args.dtype)
+    cfg, params = load_head_dir(local_or_snapshot(path, "draft head"), dtype=args.dtype)
     check_head_fits(cfg, model.config)
     return cfg, params
 

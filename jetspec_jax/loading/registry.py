@@ -180,7 +180,11 @@ def fetch_sdist_members(package: str, version: str, sha256: str, members: list[s
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:
-    """A registered name, an HF model directory or a `.gguf` file -> a local path."""
+    """A registered name, an HF model directory, a `.gguf` file or a Hugging Face id
+    `Org/Name[@revision]` (its snapshot in the HF cache, see `hub.py`) -> a local path.
+    Registered names, then existing paths, win over a hub id."""
+    from jetspec_jax.loading import hub
+
     spec_str = os.fspath(spec)
     if spec_str in REGISTRY:
         return fetch_registered(spec_str)
@@ -189,5 +193,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return path
     if path.is_file():
         raise UserError(f"{spec_str} is not a .gguf file or a model directory")
+    if hub.is_hub_id(spec_str):
+        return hub.snapshot_dir(spec_str, "model")
     raise UserError(f"unknown model {spec_str!r}: not a registered name ({', '.join(REGISTRY)}), "
-                    "an existing directory or a .gguf file")
+                    "an existing directory, a .gguf file or a Hugging Face id Org/Name[@revision]")
