@@ -51,6 +51,7 @@ from safetensors.flax import save_file
 from jetspec_jax import layout
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import HeadConfig, check_draft_vocab, init_head_params
+from jetspec_jax.loading.hf import rope_theta
 
 CONFIG_FILE = "config.json"
 # Draft vocabulary of a reduced-vocabulary head: (K,) absolute target ids, draft id i -> d2t[i]
@@ -93,14 +94,6 @@ def _causal_flag(raw: dict) -> bool:
         if bool(other) != bool(value):
             raise UserError(f"{first}={value} disagrees with {name}={other}")
     return bool(value)
-
-
-def _rope_theta(raw: dict) -> float:
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise UserError(f"rope type {kind!r} is not supported for draft heads (only 'default')")
-    return float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
 
 
 def _reject_unsupported(raw: dict) -> None:
@@ -152,7 +145,7 @@ def head_config_from_hf(raw: dict, dtype: str = "float32") -> HeadConfig:
             vocab_size=int(raw["vocab_size"]), num_target_layers=int(raw["num_target_layers"]),
             mask_token_id=int(mask_token_id), block_size=int(_draft_value(raw, "block_size", 16)),
             target_layer_ids=tuple(_draft_value(raw, "target_layer_ids", ())),
-            causal=_causal_flag(raw), rope_theta=_rope_theta(raw),
+            causal=_causal_flag(raw), rope_theta=rope_theta(raw),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             qkv_bias=bool(raw.get("attention_bias", False)), dtype=dtype,
             draft_vocab_size=None if raw.get("draft_vocab_size") is None else int(raw["draft_vocab_size"]),

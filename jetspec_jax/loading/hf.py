@@ -75,8 +75,9 @@ def _read_json(file: Path) -> dict:
         raise UserError(f"cannot parse {file}: {e}") from None
 
 
-def _rope_theta(raw: dict) -> float:
-    """RoPE base from either config style, rejecting scaled RoPE we do not implement.
+def rope_theta(raw: dict) -> float:
+    """RoPE base from either config style, rejecting scaled RoPE we do not implement (targets and
+    draft heads alike: both config.json files are Qwen3Config-style).
 
     transformers < 5 writes `rope_theta` and `rope_scaling`; transformers >= 5 writes
     `rope_parameters: {"rope_type": ..., "rope_theta": ...}`.
@@ -116,7 +117,7 @@ def hf_config(raw: dict, dtype: str = "float32") -> ModelConfig:
             num_kv_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             intermediate_size=int(raw["intermediate_size"]),
-            rope_theta=_rope_theta(raw),
+            rope_theta=rope_theta(raw),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             qkv_bias=model_type == "qwen2",
