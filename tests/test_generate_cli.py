@@ -173,3 +173,20 @@ def test_default_tree_budget_follows_the_backend():
     for bad in (["--budget", "0"], ["--width", "0"]):  # zero is an error, not "use the default"
         with pytest.raises(UserError, match="must be an integer >= 1"):
             decode_config(build_parser().parse_args(["hi", *bad]), model, (head, None))
+
+
+def test_help_does_not_import_jax():
+    """`--help` answers at once: neither the package nor the CLI's parser imports JAX (seconds on a
+    small CPU); the public names still resolve on first use."""
+    code = ("import runpy, sys\n"
+            "sys.argv = ['generate', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('jetspec_jax.generate', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "assert 'jax' not in sys.modules, 'jax was imported'\n"
+            "from jetspec_jax import DecodeConfig, generate, speculative_step\n"
+            "assert 'jax' in sys.modules and callable(generate) and callable(speculative_step)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-new-tokens" in proc.stdout
