@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
-from jetspec_jax.loading.checkpoint import assemble_params
+from jetspec_jax.loading.checkpoint import fuse_tensors, fused_params
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -232,7 +232,7 @@ def _param_path(name: str) -> str | None:
 
 
 # Bump when the dequantized tensors of a GGUF file would change (a loader fix): old caches are ignored.
-_CONVERSION_VERSION = "1"
+_CONVERSION_VERSION = "2"  # 2: the tensors are stored fused, in our layout (fuse_tensors)
 
 
 def _converted_path(path: str) -> str:
@@ -245,7 +245,8 @@ def _conversion_key(path: str) -> dict:
 
 
 def _read_converted(path: str):
-    """The dequantized tensors cached next to the GGUF file, or None if absent or stale."""
+    """The dequantized float32 tensors cached next to the GGUF file, already fused into our layout
+    ({param path: array}), or None if absent or stale."""
     from safetensors import SafetensorError, safe_open
 
     cached = _converted_path(path)
@@ -287,7 +288,7 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", cache: bool = Tru
     config = config.replace(tie_embeddings="output.weight" not in {t.name for t in file.tensors})
     converted = _read_converted(os.fspath(path)) if cache else None
     if converted is not None:
-        return config, assemble_params(config, converted, source=os.fspath(path)), file.metadata
+        return config, fused_params(config, converted, source=os.fspath(path)), file.metadata
     permuted = file.metadata["general.architecture"] == "llama"
 
     tensors = {}
@@ -310,7 +311,9 @@ def load_gguf(path: str | os.PathLike, dtype: str = "float32", cache: bool = Tru
         elif permuted and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _unpermute(w, config.num_kv_heads)
         tensors[target] = w.T if target.endswith("/kernel") else w
-    params = assemble_params(config, tensors, source=os.fspath(path))
+    # Fused in float32 whatever `dtype` is: the cache serves float32 and bfloat16 loads alike.
+    fused = fuse_tensors(config.replace(dtype="float32"), tensors, source=os.fspath(path))
+    params = fused_params(config, fused, source=os.fspath(path))
     if cache:
-        _write_converted(os.fspath(path), tensors)
+        _write_converted(os.fspath(path), fused)
     return config, params, file.metadata
