@@ -29,10 +29,10 @@ from jetspec_jax.errors import UserError
 from jetspec_jax.head import HeadConfig, init_head_params
 from jetspec_jax.loading import load_hf_dir, load_model
 from jetspec_jax.loading.checkpoint import abstract_params
-from jetspec_jax.model import Transformer, init_cache
 from jetspec_jax.moe import route
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig
+from test_loading import our_logits  # one causal forward -> (T, V)
 
 TINY_MOE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -74,15 +74,6 @@ def moe_dirs(tmp_path_factory):
         model.save_pretrained(path)
         dirs[(name, norm)] = path
     return dirs
-
-
-def our_logits(config, params, ids) -> np.ndarray:
-    t = len(ids)
-    tokens = jnp.asarray(ids, jnp.int32)[None]
-    positions = jnp.arange(t, dtype=jnp.int32)[None]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    logits, _, _ = Transformer(config).apply({"params": params}, tokens, positions, init_cache(config, 1, t), mask)
-    return np.asarray(logits[0])
 
 
 def random_head(config: ModelConfig) -> HeadConfig:
