@@ -264,7 +264,7 @@ def run(argv=None) -> int:
     from jetspec_jax.runner import Runner
 
     t_load = time.perf_counter()
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     requests = read_requests(args, model.tokenizer)
     head = load_head(args, model)
     load_seconds = time.perf_counter() - t_load

@@ -24,12 +24,13 @@ from jetspec_jax.errors import UserError
 from jetspec_jax.loading.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from jetspec_jax.loading.gguf import load_gguf
 from jetspec_jax.loading.hf import load_hf_dir
+from jetspec_jax.loading.sharded import load_hf_dir_sharded
 from jetspec_jax.loading.registry import REGISTRY, cache_dir, resolve_model
 from jetspec_jax.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = [
     "LoadedModel", "load_model",  # the one call users make
-    "load_hf_dir", "load_gguf",  # format readers: -> (config, params[, metadata])
+    "load_hf_dir", "load_hf_dir_sharded", "load_gguf",  # format readers: -> (config, params[, metadata])
     "save_checkpoint", "load_checkpoint",  # our own orbax checkpoints
     "resolve_model", "REGISTRY", "cache_dir",  # registered names -> verified local files
     "Tokenizer", "StreamDecoder",
@@ -45,8 +46,12 @@ class LoadedModel:
     name: str  # registered name, or the file / directory name
 
 
-def load_model(spec: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
+def load_model(spec: str | os.PathLike, dtype: str = "float32", mesh=None) -> LoadedModel:
     """Load a registered model name, an HF directory, a jetspec checkpoint or a `.gguf` file.
+
+    `mesh` (a `jax.sharding.Mesh`, optional): an HF directory is then read straight into its
+    shardings, each device reading only its shard (loading/sharded.py). GGUF files and jetspec
+    checkpoints load as without a mesh; `Runner` places them (and leaves placed params as they are).
 
     Raises UserError (one line) for anything a user can fix: unknown name, missing or corrupt
     file, unsupported architecture or dtype.
@@ -63,6 +68,8 @@ def load_model(spec: str | os.PathLike, dtype: str = "float32") -> LoadedModel:
         return LoadedModel(config, params, tokenizer, tokenizer.eos_ids, name)
     if is_checkpoint(path):
         config, params = load_checkpoint(path, dtype)
+    elif mesh is not None:
+        config, params = load_hf_dir_sharded(path, dtype, mesh)
     else:
         config, params = load_hf_dir(path, dtype)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
