@@ -331,3 +331,50 @@ def test_peak_rss_while_loading(tmp_path):
     assert full["growth_mb"] > 2.3 * sharded["params_mb"]  # the full path does hold extra copies
     assert sharded["growth_mb"] < 0.65 * full["growth_mb"]
     assert sharded["growth_mb"] < 1.75 * sharded["params_mb"]
+
+
+def test_one_device_mesh_and_user_errors(tiny_hf_models, tmp_path):
+    """In this process (one device): the same params as load_hf_dir, and the same one-line
+    UserErrors for a directory that does not fit the config."""
+    import jax
+    from safetensors.numpy import load_file, save_file
+
+    from jetspec_jax.errors import UserError
+    from jetspec_jax.loading.hf import load_hf_dir
+    from jetspec_jax.loading.sharded import load_hf_dir_sharded
+
+    src = tiny_hf_models["qwen3"]
+    _, want = load_hf_dir(src, "bfloat16")
+    _, got = load_hf_dir_sharded(src, "bfloat16", "tp=1")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    with pytest.raises(ValueError, match="needs a mesh"):
+        load_hf_dir_sharded(src, "float32", None)
+    with pytest.raises(UserError, match="model directory not found"):
+        load_hf_dir_sharded(tmp_path / "nope", "float32", "tp=1")
+    tensors = load_file(src / "model.safetensors")
+    for name, change, message in [
+        ("model.layers.1.mlp.up_proj.weight", None, "missing parameter layers_1/mlp/up_proj/kernel"),
+        ("model.layers.0.self_attn.k_proj.weight", "shape", "parameter layers_0/attn/k_proj/kernel has shape"),
+        ("model.layers.0.extra.weight", "add", "unexpected tensor 'model.layers.0.extra.weight'"),
+    ]:
+        bad = tmp_path / name
+        bad.mkdir()
+        shutil.copy(src / "config.json", bad / "config.json")
+        edited = dict(tensors)
+        if change is None:
+            del edited[name]
+        elif change == "shape":
+            edited[name] = edited[name][:-1]
+        else:
+            edited[name] = np.zeros(3, np.float32)
+        save_file(edited, bad / "model.safetensors")
+        with pytest.raises(UserError, match=message) as e:
+            load_hf_dir_sharded(bad, "float32", "tp=1")
+        assert "\n" not in str(e.value)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    shutil.copy(src / "config.json", truncated / "config.json")
+    data = (src / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_hf_dir_sharded(truncated, "float32", "tp=1")
