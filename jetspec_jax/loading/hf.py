@@ -16,6 +16,7 @@ stacked kernels of moe.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -205,39 +206,57 @@ def _host_layout(target: str, w: np.ndarray) -> dict[str, np.ndarray]:
     return {target: w}
 
 
-def _stack_experts(experts: dict, tensors: dict, config: ModelConfig) -> None:
-    """{(param, e): (in, out)} -> tensors[param] = (E, in, out); UserError if an expert is missing."""
+def check_experts(experts, config: ModelConfig) -> None:
+    """experts: (param path, expert index) pairs read from a checkpoint. UserError unless every
+    path has exactly the experts 0..num_experts-1."""
     for target in sorted({t for t, _ in experts}):
         have = {e for t, e in experts if t == target}
         want = set(range(config.num_experts))
         if have != want:
             what = f"lacks expert {min(want - have)}" if want - have else f"has an extra expert {max(have - want)}"
             raise UserError(f"{target}: the checkpoint {what} (num_experts={config.num_experts})")
-        tensors[target] = np.stack([experts[(target, e)] for e in range(config.num_experts)])
+
+
+def checkpoint_tensors(files: list[Path], config: ModelConfig, framework: str):
+    """Walk the safetensors files: yield (file, open handle, tensor name, param path, expert index
+    or None) for every tensor to load, skipping rotary buffers and a tied `lm_head.weight`.
+    UserError for a missing file or a tensor of another architecture. Callers read through the
+    handle inside their loop and wrap it in `reading(file)`, which turns a damaged file's error
+    into a UserError."""
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"missing safetensors shard: {file}")
+        with reading(file), safe_open(os.fspath(file), framework=framework) as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
+                    continue
+                found = _param_path(name)
+                if found is None:
+                    raise UserError(f"unexpected tensor {name!r} in {file}")
+                yield (file, f, name, *found)
+
+
+@contextlib.contextmanager
+def reading(file: Path):
+    try:
+        yield
+    except SafetensorError as e:
+        raise UserError(f"cannot read {file} (truncated or corrupt?): {e}") from None
 
 
 def _read_tensors(files: list[Path], config: ModelConfig) -> dict[str, np.ndarray]:
     tensors, experts = {}, {}
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"missing safetensors shard: {file}")
-        try:
-            with safe_open(os.fspath(file), framework="flax") as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
-                        continue
-                    found = _param_path(name)
-                    if found is None:
-                        raise UserError(f"unexpected tensor {name!r} in {file}")
-                    target, expert = found
-                    for key, value in _host_layout(target, np.asarray(f.get_tensor(name))).items():
-                        if expert is None:
-                            tensors[key] = value
-                        else:
-                            experts[(key, expert)] = value
-        except SafetensorError as e:
-            raise UserError(f"cannot read {file} (truncated or corrupt?): {e}") from None
-    _stack_experts(experts, tensors, config)
+    for file, f, name, target, expert in checkpoint_tensors(files, config, "flax"):
+        with reading(file):
+            value = np.asarray(f.get_tensor(name))
+        for key, value in _host_layout(target, value).items():
+            if expert is None:
+                tensors[key] = value
+            else:
+                experts[(key, expert)] = value
+    check_experts(experts, config)
+    for target in sorted({t for t, _ in experts}):
+        tensors[target] = np.stack([experts[(target, e)] for e in range(config.num_experts)])
     return tensors
 
 

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from jetspec_jax import layout
 from jetspec_jax.errors import UserError
 from jetspec_jax.loading.checkpoint import abstract_params
-from jetspec_jax.loading.hf import _param_path, _read_json, _shard_files, hf_config
+from jetspec_jax.loading.hf import _read_json, _shard_files, check_experts, checkpoint_tensors, hf_config, reading
 from jetspec_jax.sharding import as_mesh, check_mesh_fits, param_shardings
 from jetspec_jax.step import DecodeConfig
 
@@ -111,38 +111,22 @@ class _Stack:
 def _sources(files: list[Path], config) -> dict:
     """{per-projection param path (as assemble_params names them): _Tensor | _Stack}."""
     sources, experts = {}, {}
-    for file in files:
-        if not file.is_file():
-            raise UserError(f"missing safetensors shard: {file}")
-        try:
-            with safe_open(os.fspath(file), framework="numpy") as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_embeddings):
-                        continue
-                    found = _param_path(name)
-                    if found is None:
-                        raise UserError(f"unexpected tensor {name!r} in {file}")
-                    target, expert = found
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if target.endswith("experts/gate_up_proj") and len(shape) == 3:  # fused (E, 2F, d)
-                        half = shape[1] // 2
-                        prefix = target[: -len("gate_up_proj")]
-                        sources[prefix + "gate_proj"] = _Tensor(file, name, shape, True, rows=(0, half))
-                        sources[prefix + "up_proj"] = _Tensor(file, name, shape, True, rows=(half, shape[1] - half))
-                        continue
-                    tensor = _Tensor(file, name, shape, transpose=target.endswith(("/kernel", "_proj")))
-                    if expert is None:
-                        sources[target] = tensor
-                    else:
-                        experts[(target, expert)] = tensor
-        except SafetensorError as e:
-            raise UserError(f"cannot read {file} (truncated or corrupt?): {e}") from None
+    for file, f, name, target, expert in checkpoint_tensors(files, config, "numpy"):
+        with reading(file):
+            shape = tuple(f.get_slice(name).get_shape())
+        if target.endswith("experts/gate_up_proj") and len(shape) == 3:  # fused (E, 2F, d)
+            half = shape[1] // 2
+            prefix = target[: -len("gate_up_proj")]
+            sources[prefix + "gate_proj"] = _Tensor(file, name, shape, True, rows=(0, half))
+            sources[prefix + "up_proj"] = _Tensor(file, name, shape, True, rows=(half, shape[1] - half))
+            continue
+        tensor = _Tensor(file, name, shape, transpose=target.endswith(("/kernel", "_proj")))
+        if expert is None:
+            sources[target] = tensor
+        else:
+            experts[(target, expert)] = tensor
+    check_experts(experts, config)
     for target in sorted({t for t, _ in experts}):
-        have = {e for t, e in experts if t == target}
-        want = set(range(config.num_experts))
-        if have != want:
-            what = f"lacks expert {min(want - have)}" if want - have else f"has an extra expert {max(have - want)}"
-            raise UserError(f"{target}: the checkpoint {what} (num_experts={config.num_experts})")
         parts = [experts[(target, e)] for e in range(config.num_experts)]
         if len({p.shape for p in parts}) > 1:
             raise UserError(f"{target}: experts of different shapes in the checkpoint")
