@@ -194,12 +194,31 @@ def start(params, prompts, config: DecodeConfig, **kwargs) -> DecodeState:
     return prefill(params, *inputs.arrays, config=config, capacity=inputs.capacity, mesh=inputs.mesh)
 
 
-def compile_programs(params, inputs: PrefillInputs, config: DecodeConfig) -> None:
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """Prefill and the decoding loop compiled ahead of time for one `PrefillInputs.program_key`.
+
+    `prefill(params, inputs)` -> the first state; `decode(params, state, max_rounds)` -> the state
+    after at most max_rounds more rounds (the state is donated), as `decode.prefill` / `decode.decode`.
+    """
+
+    prefill_program: object  # jax.stages.Compiled
+    decode_program: object
+
+    def prefill(self, params, inputs: PrefillInputs) -> DecodeState:
+        return self.prefill_program(params, *inputs.arrays)
+
+    def decode(self, params, state: DecodeState, max_rounds) -> DecodeState:
+        return self.decode_program(params, state, jnp.asarray(max_rounds, jnp.int32))
+
+
+def compile_programs(params, inputs: PrefillInputs, config: DecodeConfig) -> Programs:
     """Compile prefill and the decoding loop for these inputs' shapes without running either
-    (`jit(...).lower(...).compile()`): later calls with the same shapes reuse the programs."""
+    (`jit(...).lower(...).compile()`, through the persistent compilation cache when it is on)."""
     pre = prefill.lower(params, *inputs.arrays, config=config, capacity=inputs.capacity,
                         mesh=inputs.mesh).compile()
-    decode.lower(params, pre.out_info, jnp.int32(0), config=config, mesh=inputs.mesh).compile()
+    loop = decode.lower(params, pre.out_info, jnp.int32(0), config=config, mesh=inputs.mesh).compile()
+    return Programs(pre, loop)
 
 
 def prefill_inputs(prompts, config: DecodeConfig, *, max_new_tokens: int, temperature=0.0,

@@ -13,7 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jetspec_jax.decode import compile_programs, decode, prefill_inputs, results, start
+from jetspec_jax.decode import compile_programs, prefill_inputs, results
 from jetspec_jax.sharding import as_mesh, place_rows, shard_params, to_host
 from jetspec_jax.step import DecodeConfig
 
@@ -71,20 +71,20 @@ class Runner:
             params = shard_params(params, config, self.mesh)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.chunk_rounds = chunk_rounds
-        self._warm = set()
+        self._programs = {}  # PrefillInputs.program_key -> decode.Programs
         self.compile_seconds = 0.0  # spent in `_warm_up` (near zero when the persistent cache has the programs)
 
     def _warm_up(self, prompts, kwargs):
-        """Compile prefill and the loop for these prompts' program (batch, prompt bucket, cache
-        capacity) outside the timed region, without computing anything; adds the time to
-        `compile_seconds`. A batch whose shapes were seen before compiles nothing."""
+        """The programs for these prompts (batch, prompt bucket, cache capacity): compiled ahead
+        of time without computing anything, outside the timed region, the first time a shape is
+        seen (the time goes to `compile_seconds`); a batch of a known shape compiles nothing.
+        Returns (Programs, PrefillInputs)."""
         inputs = prefill_inputs(prompts, self.config, mesh=self.mesh, **kwargs)
-        if inputs.program_key in self._warm:
-            return
-        t0 = time.perf_counter()
-        compile_programs(self.params, inputs, self.config)
-        self.compile_seconds += time.perf_counter() - t0
-        self._warm.add(inputs.program_key)
+        if inputs.program_key not in self._programs:
+            t0 = time.perf_counter()
+            self._programs[inputs.program_key] = compile_programs(self.params, inputs, self.config)
+            self.compile_seconds += time.perf_counter() - t0
+        return self._programs[inputs.program_key], inputs
 
     def run(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0,
             stop_ids=(), stop_strings=(), on_text=None):
@@ -94,15 +94,14 @@ class Runner:
         """
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, stop_ids=stop_ids)
-        self._warm_up(prompts, kwargs)
+        programs, inputs = self._warm_up(prompts, kwargs)
         t0 = time.perf_counter()
-        state = jax.block_until_ready(start(self.params, prompts, self.config, mesh=self.mesh, **kwargs))
+        state = jax.block_until_ready(programs.prefill(self.params, inputs))
         t_decode = time.perf_counter()
         shown = [""] * len(prompts)
         cut = [None] * len(prompts)  # token counts fixed by a stop string
         while True:
-            state = decode(self.params, state, jnp.int32(self.chunk_rounds), config=self.config,
-                           mesh=self.mesh)
+            state = programs.decode(self.params, state, self.chunk_rounds)
             done = to_host(state.done)
             if self.tokenizer is not None and (stop_strings or on_text):
                 state = self._check_text(state, shown, cut, stop_strings, on_text)

@@ -54,9 +54,9 @@ def test_no_compilation_after_warm_up(mode):
 
 def test_runner_warm_up_compiles_without_computing_and_is_keyed_on_the_program():
     """`Runner._warm_up` compiles prefill and the loop ahead of time (no prefill is run: the model
-    is never called on the prompts) for the shapes that decide the program: a prompt of another
-    length in the same bucket, or another max-new-tokens within the same cache capacity, is not
-    warmed up again and compiles nothing."""
+    is never called on the prompts) for the shapes that decide the program, and `run` runs those
+    programs: its first run compiles nothing more; a prompt of another length in the same bucket,
+    or another max-new-tokens within the same cache capacity, is not warmed up again."""
     from jetspec_jax import decode as decoding
     from jetspec_jax.runner import Runner
 
@@ -74,7 +74,9 @@ def test_runner_warm_up_compiles_without_computing_and_is_keyed_on_the_program()
         assert calls == []  # compiled, never run
     finally:
         decoding.prefill = real_prefill
-    first = runner.run([[1, 2, 3]], max_new_tokens=20)[0]
+    with count_compiles() as c:
+        first = runner.run([[1, 2, 3]], max_new_tokens=20)[0]  # runs the programs of the warm-up
+    assert c["n"] == 0
     assert first.ids == generate(params, [[1, 2, 3]], config, max_new_tokens=20)[0].ids
     seconds = runner.compile_seconds
     with count_compiles() as c:
