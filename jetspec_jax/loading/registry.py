@@ -183,8 +183,6 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     """A registered name, an HF model directory, a `.gguf` file or a Hugging Face id
     `Org/Name[@revision]` (its snapshot in the HF cache, see `hub.py`) -> a local path.
     Registered names, then existing paths, win over a hub id."""
-    from jetspec_jax.loading import hub
-
     spec_str = os.fspath(spec)
     if spec_str in REGISTRY:
         return fetch_registered(spec_str)
@@ -193,6 +191,8 @@ def resolve_model(spec: str | os.PathLike) -> Path:
         return path
     if path.is_file():
         raise UserError(f"{spec_str} is not a .gguf file or a model directory")
+    from jetspec_jax.loading import hub  # only now: registered names and paths never import huggingface_hub
+
     if hub.is_hub_id(spec_str):
         return hub.snapshot_dir(spec_str, "model")
     raise UserError(f"unknown model {spec_str!r}: not a registered name ({', '.join(REGISTRY)}), "
