@@ -66,20 +66,26 @@ def assemble_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], sour
 def fuse_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], source: str) -> dict:
     """The checks and the fusion of `assemble_params`, on the host: per-projection arrays ->
     {param path: numpy array} in our layout (what `fused_params` takes)."""
-    heads = (config.num_heads, config.num_kv_heads, config.head_dim)
-    expected = layout.split_shapes(layout.flatten(abstract_params(config)), *heads)
-    unexpected = sorted(set(tensors) - set(expected))
+    expected = check_split_shapes(config, {name: value.shape for name, value in tensors.items()}, source)
+    leaves = {name: np.asarray(tensors[name], dtype=spec.dtype) for name, spec in expected.items()}
+    return layout.fuse(leaves, config.num_heads, config.num_kv_heads, config.head_dim)
+
+
+def check_split_shapes(config: ModelConfig, shapes: Mapping[str, tuple], source: str) -> dict:
+    """UserError naming the first unexpected, missing or misshapen tensor of a checkpoint in the
+    per-projection layout ({param path: shape}); nothing is read. Returns the expected
+    {param path: ShapeDtypeStruct} of that layout."""
+    expected = layout.split_shapes(layout.flatten(abstract_params(config)), config.num_heads, config.num_kv_heads,
+                                   config.head_dim)
+    unexpected = sorted(set(shapes) - set(expected))
     if unexpected:
         raise UserError(f"{source}: unexpected parameter {unexpected[0]} for this model config")
-    leaves = {}
     for name, spec in expected.items():
-        if name not in tensors:
+        if name not in shapes:
             raise UserError(f"{source}: missing parameter {name}")
-        value = tensors[name]
-        if tuple(value.shape) != tuple(spec.shape):
-            raise UserError(f"{source}: parameter {name} has shape {tuple(value.shape)}, expected {tuple(spec.shape)}")
-        leaves[name] = np.asarray(value, dtype=spec.dtype)
-    return layout.fuse(leaves, *heads)
+        if tuple(shapes[name]) != tuple(spec.shape):
+            raise UserError(f"{source}: parameter {name} has shape {tuple(shapes[name])}, expected {tuple(spec.shape)}")
+    return expected
 
 
 def fused_params(config: ModelConfig, leaves: Mapping[str, np.ndarray], source: str):

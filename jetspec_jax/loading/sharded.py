@@ -38,7 +38,7 @@ from safetensors import SafetensorError, safe_open
 
 from jetspec_jax import layout
 from jetspec_jax.errors import UserError
-from jetspec_jax.loading.checkpoint import abstract_params
+from jetspec_jax.loading.checkpoint import abstract_params, check_split_shapes
 from jetspec_jax.loading.hf import _read_json, _shard_files, check_experts, checkpoint_tensors, hf_config, reading
 from jetspec_jax.sharding import as_mesh, check_mesh_fits, param_shardings
 from jetspec_jax.step import DecodeConfig
@@ -57,10 +57,8 @@ class _Files:
 
     def get(self, file: Path):
         if file not in self._open:
-            try:
+            with reading(file):
                 self._open[file] = safe_open(os.fspath(file), framework="numpy").__enter__()
-            except SafetensorError as e:
-                raise UserError(f"cannot read {file} (truncated or corrupt?): {e}") from None
         return self._open[file]
 
     def close(self):
@@ -134,19 +132,6 @@ def _sources(files: list[Path], config) -> dict:
     return sources
 
 
-def _check(sources: dict, expected: dict, source: str) -> None:
-    """The checks (and messages) of assemble_params, on shapes only: nothing is read."""
-    unexpected = sorted(set(sources) - set(expected))
-    if unexpected:
-        raise UserError(f"{source}: unexpected parameter {unexpected[0]} for this model config")
-    for name, spec in expected.items():
-        if name not in sources:
-            raise UserError(f"{source}: missing parameter {name}")
-        if tuple(sources[name].shape) != tuple(spec.shape):
-            raise UserError(f"{source}: parameter {name} has shape {tuple(sources[name].shape)}, "
-                            f"expected {tuple(spec.shape)}")
-
-
 def _read_qkv(sources: dict, prefix: str, leaf: str, files: _Files, index: tuple, g: int, dh: int) -> np.ndarray:
     """A slice (..., KV groups, G+2, Dh) of the fused qkv kernel/bias from its q, k, v rows."""
     *lead, groups, part, dims = index
@@ -217,8 +202,7 @@ def load_hf_dir_sharded(path: str | os.PathLike, dtype: str = "float32", mesh=No
     sources = _sources(_shard_files(path), config)
     abstract = abstract_params(config)
     flat = layout.flatten(abstract)
-    _check(sources, layout.split_shapes(flat, config.num_heads, config.num_kv_heads, config.head_dim),
-           source=os.fspath(path))
+    check_split_shapes(config, {name: src.shape for name, src in sources.items()}, os.fspath(path))
     shardings = layout.flatten(param_shardings({"target": abstract}, DecodeConfig(target=config), mesh)["target"])
     leaves = {name: _build_leaf(name, spec, shardings[name], sources, config) for name, spec in flat.items()}
     return config, jax.tree_util.tree_map_with_path(lambda p, _: leaves["/".join(k.key for k in p)], abstract)
