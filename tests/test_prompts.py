@@ -15,7 +15,8 @@ from jetspec_jax import prompts
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import EVAL_ONLY, PROMPT_SETS, TRAIN_SETS, check_training_sets, load_prompts
 
-COUNTS = {"gsm8k": 1319, "math": 4500, "math500": 500, "mbpp": 500, "naturalqs": 1000, "humaneval": 164, "mtbench": 80}
+COUNTS = {"gsm8k": 1319, "math": 4500, "math500": 500, "mbpp": 500, "naturalqs": 1000, "humaneval": 164, "mtbench": 80,
+          "squad": 1000, "summarize": 499}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -75,7 +76,7 @@ def test_checksum_mismatch_is_refused_and_caches_nothing(tmp_path, monkeypatch):
 
 def test_training_guard():
     assert EVAL_ONLY == {"math500", "humaneval", "mtbench"}
-    assert set(TRAIN_SETS) == {"gsm8k", "mbpp", "math", "naturalqs"}
+    assert set(TRAIN_SETS) == {"gsm8k", "mbpp", "math", "naturalqs", "squad", "summarize"}
     check_training_sets(["gsm8k", "mbpp"])
     with pytest.raises(UserError, match="math500 are evaluation-only"):
         check_training_sets(["gsm8k", "math500"])
