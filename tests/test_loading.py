@@ -155,6 +155,21 @@ def test_gguf_conversion_is_cached_and_refreshed(smollm2_gguf, tmp_path, monkeyp
     monkeypatch.setattr(gguf_module.gguf.quants, "dequantize", counting)
     _, again, _ = load_gguf(path)
     assert not calls  # read from the cache
+    # safetensors' own reader reads our file, and every tensor starts at a multiple of 64 bytes, so
+    # the params are the mapped file itself: device_put takes each buffer without a copy.
+    from safetensors import safe_open
+
+    from jetspec_jax.loading.checkpoint import fused_params
+
+    converted = gguf_module._read_converted(os.fspath(path))
+    with safe_open(cached, framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(converted)
+        assert all((f.get_tensor(k) == converted[k]).all() for k in f.keys())
+    assert all(a.ctypes.data % 64 == 0 for a in converted.values())
+    config, _, _ = load_gguf(path)
+    placed = fused_params(config, converted, source="test")
+    flat = {"/".join(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(placed)}
+    assert all(flat[name].unsafe_buffer_pointer() == a.ctypes.data for name, a in converted.items())
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), fresh, again))
     os.utime(path, ns=(0, 0))  # the GGUF "changed": its key no longer matches
     load_gguf(path)
