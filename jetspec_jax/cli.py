@@ -206,13 +206,18 @@ def load_head(args, model):
 
 def enable_compilation_cache() -> None:
     """Keep compiled programs between runs under `$JETSPEC_CACHE/xla` (JAX's persistent
-    compilation cache), so a second run with the same shapes compiles nothing.
-    JETSPEC_COMPILATION_CACHE=0 turns it off; a cache dir set through JAX's own config wins."""
+    compilation cache) and their lowered form under `$JETSPEC_CACHE/programs` (program_cache.py),
+    so a second run with the same shapes neither traces, lowers nor compiles the model.
+    JETSPEC_COMPILATION_CACHE=0 turns both off; a cache dir set through JAX's own config wins."""
     import jax
 
+    from jetspec_jax import program_cache
     from jetspec_jax.loading.registry import cache_dir
 
-    if os.environ.get("JETSPEC_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+    if os.environ.get("JETSPEC_COMPILATION_CACHE", "1") == "0":
+        return
+    program_cache.enable(cache_dir() / "programs")
+    if jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", os.fspath(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every program of a run

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jetspec_jax import program_cache
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import DraftHead, init_head_cache
 from jetspec_jax.model import Transformer, init_cache
@@ -202,7 +203,7 @@ class Programs:
     after at most max_rounds more rounds (the state is donated), as `decode.prefill` / `decode.decode`.
     """
 
-    prefill_program: object  # jax.stages.Compiled
+    prefill_program: object  # program_cache.Program (or jax.stages.Compiled): called as the jitted function
     decode_program: object
 
     def prefill(self, params, inputs: PrefillInputs) -> DecodeState:
@@ -214,10 +215,15 @@ class Programs:
 
 def compile_programs(params, inputs: PrefillInputs, config: DecodeConfig) -> Programs:
     """Compile prefill and the decoding loop for these inputs' shapes without running either
-    (`jit(...).lower(...).compile()`, through the persistent compilation cache when it is on)."""
-    pre = prefill.lower(params, *inputs.arrays, config=config, capacity=inputs.capacity,
-                        mesh=inputs.mesh).compile()
-    loop = decode.lower(params, pre.out_info, jnp.int32(0), config=config, mesh=inputs.mesh).compile()
+    (`jit(...).lower(...).compile()`, through the persistent compilation cache when it is on, and
+    through `program_cache` when that is on: a second run then neither traces nor lowers)."""
+    pre_fn = jax.jit(functools.partial(prefill, config=config, capacity=inputs.capacity, mesh=inputs.mesh))
+    pre = program_cache.compile("prefill", pre_fn, (params, *inputs.arrays),
+                                key=(config, inputs.capacity, PREFILL_CHUNK, inputs.mesh))
+    loop_fn = jax.jit(functools.partial(decode, config=config, mesh=inputs.mesh), donate_argnums=(1,))
+    loop = program_cache.compile("decode", loop_fn, (params, pre.out_info, jnp.int32(0)),
+                                 key=(config, inputs.mesh),
+                                 donate=(1,))
     return Programs(pre, loop)
 
 

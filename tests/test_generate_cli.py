@@ -123,8 +123,9 @@ def test_truncated_model_file_exits_2_without_traceback(tmp_path, smollm2_gguf):
 
 
 def test_compilation_cache_makes_the_second_run_compile_nothing(tiny_hf_models, tmp_path):
-    """Run 1 compiles prefill and the loop into $JETSPEC_CACHE/xla; run 2 (a new process) loads
-    them from there; JETSPEC_COMPILATION_CACHE=0 keeps the cache off."""
+    """Run 1 compiles prefill and the loop into $JETSPEC_CACHE/xla (and their lowered form into
+    $JETSPEC_CACHE/programs); run 2 (a new process) loads them from there; JETSPEC_COMPILATION_CACHE=0
+    keeps both off."""
     env = dict(os.environ, JETSPEC_CACHE=str(tmp_path / "cache"), JAX_LOG_COMPILES="1", JAX_PLATFORMS="cpu")
     env.pop("JETSPEC_COMPILATION_CACHE")
     argv = [sys.executable, "-m", "jetspec_jax.generate", "--model", str(tiny_hf_models["qwen3"]),
@@ -136,9 +137,16 @@ def test_compilation_cache_makes_the_second_run_compile_nothing(tiny_hf_models, 
     assert hit not in runs[0].stderr and hit in runs[1].stderr
     assert "Persistent compilation cache hit for 'jit_prefill'" in runs[1].stderr
     assert list((tmp_path / "cache" / "xla").glob("jit_decode-*"))
+    # The lowered programs too (program_cache.py): run 2 read them, it did not write new ones.
+    programs = sorted((tmp_path / "cache" / "programs").glob("*.bin"))
+    assert [p.name.split("-")[0] for p in programs] == ["decode", "prefill"]
+    written = {p: p.stat().st_mtime_ns for p in programs}
+    runs.append(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300))
+    assert runs[-1].returncode == 0 and {p: p.stat().st_mtime_ns for p in programs} == written
+    assert "Persistent compilation cache hit for 'jit_decode'" in runs[-1].stderr
     off = dict(env, JETSPEC_COMPILATION_CACHE="0", JETSPEC_CACHE=str(tmp_path / "off"))
     assert subprocess.run(argv, env=off, capture_output=True, text=True, timeout=300).returncode == 0
-    assert not (tmp_path / "off" / "xla").exists()
+    assert not (tmp_path / "off" / "xla").exists() and not (tmp_path / "off" / "programs").exists()
 
 
 def test_default_tree_budget_follows_the_backend():
