@@ -164,10 +164,16 @@ def make_sampling(batch, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop_ids=(
     if len(stop) > MAX_STOP_IDS:
         raise UserError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop)}")
     seeds = np.broadcast_to(np.asarray(seed, np.uint32), (batch,))
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    if jax.config.jax_default_prng_impl == "threefry2x32":
+        # jax.random.key(s) of a 32-bit seed is the threefry key [0, s] (tested): built on the host,
+        # it needs no compiled program. Host arrays go over with device_put for the same reason.
+        keys = jax.random.wrap_key_data(np.stack([np.zeros_like(seeds), seeds], axis=-1))
+    else:
+        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    put = lambda x, dtype: jax.device_put(np.ascontiguousarray(x, dtype))  # noqa: E731
     return SamplingParams(
-        temperature=jnp.asarray(t), top_k=jnp.asarray(k), top_p=jnp.asarray(p), key=keys,
-        stop_ids=jnp.asarray(stop + [-1] * (MAX_STOP_IDS - len(stop)), jnp.int32),
+        temperature=put(t, np.float32), top_k=put(k, np.int32), top_p=put(p, np.float32), key=keys,
+        stop_ids=put(stop + [-1] * (MAX_STOP_IDS - len(stop)), np.int32),
     )
 
 
@@ -278,6 +284,8 @@ def prefill_inputs(prompts, config: DecodeConfig, *, max_new_tokens: int, temper
         prompt, lens, max_new = place_rows((prompt, lens, max_new), mesh)
         sampling = map_rows(lambda x: place_rows(x, mesh), sampling)
         sampling = sampling.replace(stop_ids=place_replicated(sampling.stop_ids, mesh))
+    if mesh is None:
+        prompt, lens, max_new = jax.device_put((prompt, lens, max_new))
     return PrefillInputs((jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(max_new), sampling), capacity, mesh)
 
 

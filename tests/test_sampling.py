@@ -247,3 +247,17 @@ def test_validate_sampling_rejects_bad_values(values, message):
 
 def test_validate_sampling_accepts_arrays_of_good_values():
     validate_sampling(np.array([0.0, 0.7]), np.array([0, 40]), np.array([1.0, 0.9]))
+
+
+def test_make_sampling_keys_are_jax_random_keys_of_the_seeds():
+    """make_sampling builds the threefry keys on the host ([0, seed]); they must be exactly the
+    keys jax.random.key gives for the same seeds, or sampled outputs would change with it."""
+    from jetspec_jax.decode import make_sampling
+
+    seeds = [0, 1, 7, 12345, 2**31 - 1, 2**31, 2**32 - 1]
+    got = make_sampling(len(seeds), temperature=1.0, seed=seeds).key
+    want = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
+    assert jax.random.key_impl(got) == jax.random.key_impl(want)
+    one = make_sampling(3, seed=5).key  # a scalar seed, broadcast to every row
+    np.testing.assert_array_equal(jax.random.key_data(one), jax.random.key_data(jnp.stack([jax.random.key(5)] * 3)))
