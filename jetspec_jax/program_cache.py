@@ -10,7 +10,7 @@ lowered module, so every run first traces and lowers the whole model to find it:
 ~3 s a second run of `python -m jetspec_jax.generate` spent compiling SmolLM2-135M on a 2-core
 machine. Here the lowered program itself (`jax.export`, flattened to a tuple of arrays in and out)
 is stored under a key of everything that decides it: the function's name and static `key`, the
-argument tree and avals, the JAX/jaxlib versions, the platform and a digest of this package's
+argument tree and avals, the JAX/jaxlib/Flax versions, the platform and a digest of this package's
 source files (an edited checkout never runs a stale program). Loading it costs a parse and a
 cheap lowering of one call; its compilation then hits JAX's cache.
 
@@ -66,9 +66,11 @@ def _avals(leaves) -> list:
 
 def entry_key(name: str, key, treedef, leaves) -> str:
     device = jax.devices()[0]
+    import flax  # the models are Flax modules: its version changes what they trace to
+
     flags = (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)  # change the lowering
     parts = (_FORMAT, name, repr(key), str(treedef), repr(_avals(leaves)), jax.__version__, jaxlib.__version__,
-             device.platform, device.device_kind, flags, _source_digest())
+             flax.__version__, device.platform, device.device_kind, flags, _source_digest())
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
