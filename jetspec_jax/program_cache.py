@@ -32,6 +32,7 @@ import jaxlib
 _DIR: Path | None = None
 _SOURCE_DIGEST: str | None = None
 _FORMAT = "1"  # bump when what an entry holds changes
+MAX_BYTES = 512 << 20  # entries past this, least recently used first, are removed (~0.4-0.8 MB each for SmolLM2)
 
 
 def enable(directory: str | os.PathLike) -> None:
@@ -157,7 +158,9 @@ def _read(path: Path):
 
     try:
         blob, out_tree, out_info = pickle.loads(path.read_bytes())
-        return export.deserialize(bytearray(blob)), out_tree, out_info
+        entry = export.deserialize(bytearray(blob)), out_tree, out_info
+        os.utime(path)  # recently used: the last to be pruned
+        return entry
     except Exception:  # absent, truncated, or written by another version: compile and overwrite
         return None
 
@@ -169,6 +172,25 @@ def _write(path: Path, entry) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(pickle.dumps((exported.serialize(), out_tree, out_info)))
         os.replace(tmp, path)
+        _prune(path.parent, keep=path)
     except OSError:  # a cache that cannot be written only means compiling again next time
         if tmp.exists():
             tmp.unlink()
+
+
+def _prune(directory: Path, keep: Path) -> None:
+    """Remove the least recently used entries until the folder holds at most MAX_BYTES."""
+    entries = []
+    for p in directory.glob("*.bin"):
+        try:
+            st = p.stat()
+        except OSError:  # removed by another process meanwhile
+            continue
+        entries.append((st.st_mtime_ns, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries):
+        if total <= MAX_BYTES:
+            break
+        if p != keep:
+            p.unlink(missing_ok=True)
+            total -= size

@@ -140,9 +140,9 @@ def test_compilation_cache_makes_the_second_run_compile_nothing(tiny_hf_models, 
     # The lowered programs too (program_cache.py): run 2 read them, it did not write new ones.
     programs = sorted((tmp_path / "cache" / "programs").glob("*.bin"))
     assert [p.name.split("-")[0] for p in programs] == ["decode", "prefill"]
-    written = {p: p.stat().st_mtime_ns for p in programs}
+    written = {p: p.stat().st_ino for p in programs}  # an entry is replaced by a rename: a new inode
     runs.append(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300))
-    assert runs[-1].returncode == 0 and {p: p.stat().st_mtime_ns for p in programs} == written
+    assert runs[-1].returncode == 0 and {p: p.stat().st_ino for p in programs} == written
     assert "Persistent compilation cache hit for 'jit_decode'" in runs[-1].stderr
     off = dict(env, JETSPEC_COMPILATION_CACHE="0", JETSPEC_CACHE=str(tmp_path / "off"))
     assert subprocess.run(argv, env=off, capture_output=True, text=True, timeout=300).returncode == 0

@@ -4,6 +4,7 @@ gives the same results, and never serves a program to a different key, shape or 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,19 @@ def test_damaged_entry_is_compiled_again_and_replaced(cache):
     out = _compile()(*_args())[1]
     assert TRACES and entry.stat().st_size > 100
     assert float(out) == float(jax.jit(functools.partial(_step, scale=2.0))(*_args())[1])
+
+
+def test_least_recently_used_entries_are_pruned(cache, monkeypatch):
+    _compile(scale=1.0)
+    (first,) = cache.glob("step-*.bin")
+    monkeypatch.setattr(program_cache, "MAX_BYTES", int(2.5 * first.stat().st_size))  # room for two
+    _compile(scale=2.0)
+    os.utime(first, ns=(1, 1))  # scale 1.0 is now the least recently used
+    second = set(cache.glob("step-*.bin")) - {first}
+    _compile(scale=2.0)  # a read: refreshes its entry
+    _compile(scale=3.0)  # a third entry: the oldest goes
+    left = set(cache.glob("step-*.bin"))
+    assert len(left) == 2 and first not in left and second <= left
 
 
 def test_off_by_default_writes_nothing(tmp_path):
