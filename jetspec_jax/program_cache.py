@@ -88,7 +88,7 @@ class Program:
 
 
 def _cacheable(leaves) -> bool:
-    if _DIR is None or jax.process_count() > 1 or len(jax.devices()) == 0:
+    if _DIR is None or jax.process_count() > 1:
         return False
     for x in leaves:
         sharding = getattr(x, "sharding", None)
@@ -107,8 +107,7 @@ def compile(name: str, jitted, args: tuple, *, key, donate: tuple[int, ...] = ()
     """
     leaves, treedef = jax.tree.flatten(args)
     if not _cacheable(leaves):
-        compiled = jitted.lower(*args).compile()
-        return Program(compiled, None, compiled.out_info, flat=False)
+        return _uncached(jitted, args)
     path = _DIR / f"{name}-{entry_key(name, key, treedef, leaves)}.bin"
     flat_donate = _flat_positions(args, donate)
     entry = _read(path)
@@ -116,8 +115,7 @@ def compile(name: str, jitted, args: tuple, *, key, donate: tuple[int, ...] = ()
         try:
             entry = _export(jitted, args, treedef)
         except Exception:  # noqa: BLE001 - what jax.export refuses (e.g. a custom call) compiles as usual
-            compiled = jitted.lower(*args).compile()
-            return Program(compiled, None, compiled.out_info, flat=False)
+            return _uncached(jitted, args)
         _write(path, entry)
     exported, out_tree, out_info = entry
 
@@ -127,6 +125,11 @@ def compile(name: str, jitted, args: tuple, *, key, donate: tuple[int, ...] = ()
     call.__name__ = call.__qualname__ = name  # logs and the XLA cache's file names say "jit_<name>"
     compiled = jax.jit(call, donate_argnums=flat_donate).lower(*leaves).compile()
     return Program(compiled, out_tree, out_info, flat=True)
+
+
+def _uncached(jitted, args) -> Program:
+    compiled = jitted.lower(*args).compile()
+    return Program(compiled, None, compiled.out_info, flat=False)
 
 
 def _flat_positions(args, donate) -> tuple[int, ...]:
