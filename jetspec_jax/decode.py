@@ -284,9 +284,9 @@ def prefill_inputs(prompts, config: DecodeConfig, *, max_new_tokens: int, temper
         prompt, lens, max_new = place_rows((prompt, lens, max_new), mesh)
         sampling = map_rows(lambda x: place_rows(x, mesh), sampling)
         sampling = sampling.replace(stop_ids=place_replicated(sampling.stop_ids, mesh))
-    if mesh is None:
+    else:
         prompt, lens, max_new = jax.device_put((prompt, lens, max_new))
-    return PrefillInputs((jnp.asarray(prompt), jnp.asarray(lens), jnp.asarray(max_new), sampling), capacity, mesh)
+    return PrefillInputs((prompt, lens, max_new, sampling), capacity, mesh)
 
 
 def results(state: DecodeState) -> list:
