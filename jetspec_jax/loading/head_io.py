@@ -241,13 +241,14 @@ def _read_tensors(path: Path, dtype) -> dict:
     tensors = {}
     for file in _weight_files(path):
         try:
-            with safe_open(str(file), framework="numpy") as f:
+            with contextlib.ExitStack() as stack:
+                f, via_jax = stack.enter_context(safe_open(str(file), framework="numpy")), None
                 for name in f.keys():
                     try:
                         t = f.get_tensor(name)
                     except TypeError:  # numpy has no bfloat16: that tensor through JAX, then back
-                        with safe_open(str(file), framework="flax") as g:
-                            t = np.asarray(g.get_tensor(name))
+                        via_jax = via_jax or stack.enter_context(safe_open(str(file), framework="flax"))
+                        t = np.asarray(via_jax.get_tensor(name))
                     tensors[name] = t.astype(np.int32) if name == D2T else t.astype(dtype)
         except (SafetensorError, OSError) as e:
             raise UserError(f"{file}: unreadable safetensors ({str(e).splitlines()[0]})") from None
