@@ -398,6 +398,31 @@ def test_a_second_writer_of_a_data_dir_is_refused(tmp_path, target):
     assert regenerate(target, [("p/0", [2, 3])], tmp_path / "d", progress=False, batch_size=1, max_new_tokens=2) == 1
 
 
+def test_truncated_block_trains_exactly_the_first_rows(target):
+    """A causal head's rows see only earlier rows, so scoring the first R rows of each block is the
+    full block's first R-1 depths: same per-depth losses and hits on the same anchors, and the mean
+    is theirs weighted by depth, so the step gets the full loss with the later depths left out."""
+    from jetspec_jax.train.objective import anchor_loss
+
+    head_params = _perturbed_head_params(_head(), 7)
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 24), 0, VOCAB - 1)
+    args = (head_params, target.params, tokens, jnp.array([24, 17]), jnp.array([5, 3]), jax.random.PRNGKey(6))
+    fn = jax.jit(anchor_loss, static_argnums=6)
+    full = ObjectiveConfig(target=TARGET, head=_head(), anchors_per_seq=6, loss_decay_gamma=2.0)
+    _, m = fn(*args, full)
+    short, ms = fn(*args, ObjectiveConfig(target=TARGET, head=_head(), anchors_per_seq=6, loss_decay_gamma=2.0,
+                                          block_rows=3))
+    assert ms["acc"].shape == (2,) and m["acc"].shape == (4,)
+    np.testing.assert_allclose(ms["depth_loss"], m["depth_loss"][:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ms["acc"], m["acc"][:2])
+    np.testing.assert_array_equal(ms["depth_rows"], m["depth_rows"][:2])
+    n, per, w = np.asarray(m["depth_rows"][:2]), np.asarray(m["depth_loss"][:2]), np.exp(-np.arange(2) / 2.0)
+    np.testing.assert_allclose(short, (w * n * per).sum() / (w * n).sum(), rtol=1e-5)
+    # a bidirectional row sees the rows after it: truncating its block would train another function
+    with pytest.raises(ValueError, match="causal"):
+        fn(*args, ObjectiveConfig(target=TARGET, head=_head(causal=False), anchors_per_seq=6, block_rows=3))
+
+
 def _write_yaml(path, raw):
     path.write_text(json.dumps(raw))  # JSON is YAML
     return str(path)
@@ -423,6 +448,8 @@ def test_shipped_configs_are_valid(path):
     ("base_missing", "base: no such config file"),
     ("base_cycle", "configs include each other"),
     ("base_same_output", "train.output_dir: set one of its own"),
+    ("rows_bidirectional", "train.block_rows must be in [2, head.block_size] and needs head.causal"),
+    ("rows_too_many", "train.block_rows must be in [2, head.block_size]"),
 ])
 def test_cli_bad_config_is_one_line_error(tmp_path, capsys, make_tiny_hf, case, expected):
     raw = {"target": str(make_tiny_hf("llama")), "data": {"dir": str(tmp_path / "d")},
@@ -435,6 +462,10 @@ def test_cli_bad_config_is_one_line_error(tmp_path, capsys, make_tiny_hf, case, 
         raw["train"]["steps"] = "many"
     elif case == "incompatible":
         raw["head"]["target_layer_ids"] = [0, 7]  # the tiny target has 2 layers
+    elif case == "rows_bidirectional":
+        raw["head"]["causal"], raw["train"]["block_rows"] = False, 8
+    elif case == "rows_too_many":
+        raw["train"]["block_rows"] = 17  # the block has 16 rows
     elif case == "base_missing":
         raw["base"] = "absent.yaml"
     elif case == "base_cycle":

@@ -71,6 +71,7 @@ class TrainSection:
     batch_size: int = 4  # sequences per step
     max_length: int = 1024  # longer sequences are cut (prompt + start of the response kept)
     anchors_per_seq: int = 64
+    block_rows: int | None = None  # rows of each anchor block trained (causal heads); None: head.block_size
     loss: str = "ce"  # "ce": hard labels x_{a+k}; "kl": forward KL to the target at T = 1
     init_from: str | None = None  # a head directory to start from (e.g. a shipped head); None: random init
     loss_decay_gamma: float | None = None  # depth k weighs exp(-(k-1)/gamma) (DFlash: 7 for blocks of 16); None: equal
@@ -179,6 +180,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise UserError(f"{where}: train.{name} must be >= 1")
     if t.loss_decay_gamma is not None and not t.loss_decay_gamma > 0:
         raise UserError(f"{where}: train.loss_decay_gamma must be > 0 (or unset)")
+    if t.block_rows is not None and not (2 <= t.block_rows <= cfg.head.block_size and cfg.head.causal):
+        raise UserError(f"{where}: train.block_rows must be in [2, head.block_size] and needs head.causal: true "
+                        "(a bidirectional row sees the whole block)")
     if t.max_length < cfg.head.block_size + 2:
         raise UserError(f"{where}: train.max_length must exceed head.block_size + 1")
     if not t.lr > 0 or not 0 <= t.min_lr_ratio <= 1 or t.warmup_steps < 0:

@@ -9,7 +9,9 @@ For a sequence x_0..x_{n-1} (prompt of length p, then the target's own response)
    is a response token.
 3. The head drafts every block `[x_a, MASK x (Bs-1)]` over the context `< a` (`AnchorHead`).
 4. Block row k (1..Bs-1) predicts x_{a+k} (hard-label CE) or matches the target's distribution at
-   position a+k-1 (forward KL at T = 1). Row 0 (the anchor) has no loss; rows past the sequence
+   position a+k-1 (forward KL at T = 1). A causal head may train only its first `block_rows` rows
+   (`ObjectiveConfig.rows`): they are exactly the first rows of the full block, and a tree of N
+   nodes never drafts deeper than N-1, so the cost of a step follows the depths that are used. Row 0 (the anchor) has no loss; rows past the sequence
    end are masked; the loss is the weighted mean over valid rows, depth k weighing
    exp(-(k-1)/gamma) with `loss_decay_gamma` (early depths decide the accepted length), or every
    depth the same when it is None.
@@ -46,6 +48,20 @@ class ObjectiveConfig:
     loss: str = "ce"  # "ce" | "kl"
     vocab_chunk: int = 512
     loss_decay_gamma: float | None = None
+    block_rows: int | None = None  # rows of each block that are drafted and scored; None: all Bs
+
+    @property
+    def rows(self) -> int:
+        """Rows of each anchor's block the forward runs: [x_a, MASK x (rows-1)]. A causal head's
+        row k sees only rows <= k, so these rows are exactly the first rows of the full block
+        (inference's `DecodeConfig.block_rows` skips the same rows); a bidirectional head needs all."""
+        if self.block_rows is None:
+            return self.head.block_size
+        if not self.head.causal and self.block_rows != self.head.block_size:
+            raise ValueError("block_rows < block_size needs a causal head (a bidirectional row sees the whole block)")
+        if not 2 <= self.block_rows <= self.head.block_size:
+            raise ValueError(f"block_rows must be in [2, {self.head.block_size}], got {self.block_rows}")
+        return self.block_rows
 
 
 def target_features(cfg: ObjectiveConfig, target_params, tokens):
@@ -143,12 +159,12 @@ def anchor_hidden(head_params, target_params, tokens, lengths, prompt_lens, feat
                   cfg: ObjectiveConfig):
     """The head's block rows for every anchor and what they must predict.
 
-    features (B, L, taps*d); anchors, anchor_ok (B, A) -> hidden (B, A, Bs-1, d) rows 1.. of each
-    block, labels (B, A, Bs-1) int32 target ids x_{a+k}, valid (B, A, Bs-1) bool (label inside the
-    sequence), label_pos (B, A, Bs-1) int32 (clipped into the sequence).
+    features (B, L, taps*d); anchors, anchor_ok (B, A) -> hidden (B, A, R-1, d) rows 1.. of each
+    block, labels (B, A, R-1) int32 target ids x_{a+k}, valid (B, A, R-1) bool (label inside the
+    sequence), label_pos (B, A, R-1) int32 (clipped into the sequence); R = cfg.rows.
     """
     b, length = tokens.shape
-    bs = cfg.head.block_size
+    bs = cfg.rows
     a = anchors.shape[1]
     block = jnp.full((b, a, bs), cfg.head.mask_token_id, jnp.int32)
     block = block.at[:, :, 0].set(jnp.take_along_axis(tokens, anchors, axis=1))
@@ -172,11 +188,11 @@ def anchor_loss(head_params, target_params, tokens, lengths, prompt_lens, key, c
     feature cache (the target does not run), or None (the frozen target runs here).
     vocab: {"d2t" (K,) draft id -> target id, "t2d" (V,) target id -> draft id or -1} for a
     reduced-vocabulary head, or None.
-    Returns (loss, {"loss", "acc" (Bs-1,) per-depth top-1 accuracy, "depth_loss" (Bs-1,) per-depth
-    mean loss, "depth_rows" (Bs-1,) valid rows per depth, "rows" valid row count}).
+    Returns (loss, {"loss", "acc" (R-1,) per-depth top-1 accuracy, "depth_loss" (R-1,) per-depth
+    mean loss, "depth_rows" (R-1,) valid rows per depth, "rows" valid row count}); R = cfg.rows.
     """
     b, length = tokens.shape
-    bs = cfg.head.block_size
+    bs = cfg.rows
     if cached is None:
         features, final = jax.lax.stop_gradient(target_features(cfg, target_params, tokens))
     else:

@@ -80,7 +80,8 @@ def head_config(section: HeadSection, target: ModelConfig) -> HeadConfig:
 def step_config(cfg: TrainConfig, head: HeadConfig, target: ModelConfig) -> StepConfig:
     t = cfg.train
     objective = ObjectiveConfig(target=target, head=head, anchors_per_seq=t.anchors_per_seq,
-                                loss=t.loss, vocab_chunk=t.vocab_chunk, loss_decay_gamma=t.loss_decay_gamma)
+                                loss=t.loss, vocab_chunk=t.vocab_chunk, loss_decay_gamma=t.loss_decay_gamma,
+                                block_rows=t.block_rows)
     return StepConfig(objective=objective, steps=t.steps, lr=t.lr, warmup_steps=t.warmup_steps,
                       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, clip_norm=t.clip_norm,
                       seed=t.seed)
@@ -218,7 +219,9 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
             return
         batches = (store.batch(data, val_pool[i : i + t.batch_size], t.max_length, head_cfg.target_layer_ids)
                    for i in range(0, len(val_pool), t.batch_size))
-        val = validate(state.params, model.params, vocab, spec.objective, batches)
+        # the whole block, whatever the step trains: the chain and N=16 draft 15 deep
+        whole = dataclasses.replace(spec.objective, block_rows=None)
+        val = validate(state.params, model.params, vocab, whole, batches)
         _log_val(out / METRICS, step, val)
         bar.write(f"step {step}: validation {val}")
 
