@@ -8,6 +8,12 @@ full-depth chain and of best-first trees of 4, 8 and 16 nodes (width 4), measure
 greedy round would accept on the target's own stored answers (`jetspec_jax/train/validate.py`).
 The validation split is the one training never reads (`features.is_validation`). A head must tap
 layers the cache holds. Prints a markdown table; --json writes the numbers.
+
+    --lookup L   also trees of the same budgets in which L nodes are a prompt-lookup chain (as
+                 `--lookup` decodes: the continuation of the latest earlier n-gram of the prompt and
+                 answer up to the anchor, else the head's greedy chain)
+    --by-set     one row per prompt set of the split as well (squad and summarize answers quote
+                 their passage; MT-Bench-like prose is naturalqs, squad and summarize)
 """
 
 from __future__ import annotations
@@ -27,19 +33,26 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="training config with a features section")
     p.add_argument("--head", action="append", required=True, metavar="NAME=DIR")
     p.add_argument("--max-sequences", type=int, default=None, help="first K validation sequences")
+    p.add_argument("--lookup", type=int, default=0, metavar="L", help="also trees with L prompt-lookup nodes")
+    p.add_argument("--by-set", action="store_true", help="also a row per prompt set")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if not 0 <= args.lookup < 4:
+        print("error: --lookup must be in [0, 3] (below the smallest budget, 4)", file=sys.stderr)
+        return 2
     try:
         rows = run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| head | taps | draft vocab | anchors | acc@1 | tau chain | tau N=4 | tau N=8 | tau N=16 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    taus = [f"tau_{n}" for n in (4, 8, 16)] + ([f"tau_{n}_lookup" for n in (4, 8, 16)] if args.lookup else [])
+    heads = [f"tau N={k.split('_')[1]}" + (f" +{args.lookup} lookup" if k.endswith("lookup") else "") for k in taus]
+    print("| head | set | taps | draft vocab | anchors | acc@1 | tau chain | " + " | ".join(heads) + " |")
+    print("|---" * (7 + len(taus)) + "|")
     for r in rows:
-        v = r["val"]
-        print(f"| {r['name']} | {r['taps']} | {r['vocab']} | {v['anchors']} | {v['acc1']:.3f} | {v['tau_chain']:.3f} "
-              f"| {v['tau_4']:.3f} | {v['tau_8']:.3f} | {v['tau_16']:.3f} |")
+        for group, v in r["val"].items():
+            print(f"| {r['name']} | {group} | {r['taps']} | {r['vocab']} | {v['anchors']} | {v['acc1']:.3f} "
+                  f"| {v['tau_chain']:.3f} | " + " | ".join(f"{v[k]:.3f}" for k in taus) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -81,7 +94,10 @@ def run(args) -> list:
         batches = (store.batch(data, val[i : i + 4], cfg.train.max_length, head_cfg.target_layer_ids)
                    for i in range(0, len(val), 4))
         t0 = time.perf_counter()
-        result = validate(params, model.params, vocab, objective, batches)
+        sets = [data.keys[i].split("/")[0] for i in val] if args.by_set else None
+        result = validate(params, model.params, vocab, objective, batches, lookup=args.lookup, groups=sets)
+        if sets is None:
+            result = {"all": result}
         print(f"{name}: {result} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         rows.append({"name": name, "path": path, "taps": list(head_cfg.target_layer_ids),
                      "vocab": head_cfg.draft_vocab_size or head_cfg.vocab_size,

@@ -214,6 +214,77 @@ def test_accepted_depth_matches_brute_force():
         assert got[r] == depth
 
 
+def _host_lookup(history, c, length):
+    """Brute force of lookup.py: the latest earlier occurrence of the last 3 (else 2) tokens ending
+    at c, and the `length` tokens that followed it (repeating its period when they reach c)."""
+    for n in (3, 2):
+        if c < n - 1:
+            continue
+        suffix = list(history[c - n + 1 : c + 1])
+        for j in range(c - 1, n - 2, -1):
+            if list(history[j - n + 1 : j + 1]) == suffix:
+                return [int(history[j + 1 + k % (c - j)]) for k in range(length)]
+    return None
+
+
+def _host_walk(tokens, parents, labels):
+    node, depth = 0, 0
+    while depth < len(labels):  # walk down: the child spelling the next label
+        kids = [i for i in range(len(tokens)) if parents[i] == node and tokens[i] == labels[depth]]
+        if not kids:
+            break
+        node, depth = kids[0], depth + 1
+    return depth
+
+
+def test_validation_with_lookup_matches_a_host_walk(trained, cache, target):
+    """Per-sequence accepted tokens of trees with and without a prompt-lookup chain, against a host
+    n-gram search and a host walk of each tree; per-set groups add up to the whole split."""
+    from jetspec_jax.train.validate import anchor_logits, validate, validation_counts
+
+    cfg, (head_cfg, params) = trained
+    vocab = vocab_tables(np.asarray(params["d2t"]), VOCAB)
+    objective = ObjectiveConfig(target=TARGET, head=head_cfg)
+    batch = cache.store.batch(cache.data, np.arange(6), 64, head_cfg.target_layer_ids)
+    tokens = np.array(batch.tokens)
+    rng = np.random.default_rng(3)  # noise in the answers, so lookup and head both miss sometimes
+    for r in range(len(tokens)):
+        p, n = int(batch.prompt_lens[r]), int(batch.lengths[r])
+        noisy = rng.random(n - p) < 0.25
+        tokens[r, p:n][noisy] = rng.integers(2, 60, int(noisy.sum()))
+    args = (params, target.params, jnp.asarray(tokens), batch.lengths, batch.prompt_lens, batch.features, vocab)
+    got = jax.device_get(validation_counts(*args, cfg=objective, budgets=(3, 6), lookup=2))
+    anchors, counted, logits, labels = jax.device_get(anchor_logits(*args, objective))
+    d2t = np.asarray(params["d2t"])
+    a = anchors.shape[1]
+    for n in (3, 6):  # N=3 drafts 2 of the head's 3 depths, N=6 all of them
+        depth = min(n - 1, logits.shape[1])
+        want = {"": np.zeros(6, int), "_lookup": np.zeros(6, int)}
+        for r in range(6 * a):
+            if not counted[r]:
+                continue
+            b, c = divmod(r, a)
+            c = int(anchors[b, c])
+            copied = _host_lookup(tokens[b], c, 2)
+            forced = copied if copied is not None else d2t[np.argmax(logits[r, :2], -1)].tolist()
+            for suffix, lookup in (("", 0), ("_lookup", 2)):
+                tree = build_tree(jnp.array([tokens[b, c]]), jnp.asarray(logits[r : r + 1, :depth]),
+                                  TreeConfig(budget=n, width=4, depth=depth, lookup=lookup),
+                                  jnp.array([forced]) if lookup else None, jnp.asarray(d2t))
+                want[suffix][b] += _host_walk(np.asarray(tree.tokens[0]), np.asarray(tree.parents[0]),
+                                              [int(x) for x in labels[r, :depth]])
+        np.testing.assert_array_equal(got[f"tree_{n}"], want[""])
+        np.testing.assert_array_equal(got[f"tree_{n}_lookup"], want["_lookup"])
+    assert got["tree_6_lookup"].sum() > got["tree_6"].sum() > 0  # the answers repeat: lookup finds them
+
+    batches = [cache.store.batch(cache.data, np.arange(i, i + 3), 64, head_cfg.target_layer_ids) for i in (0, 3)]
+    by_set = validate(params, target.params, vocab, objective, batches, (4,), lookup=2,
+                      groups=["x", "y", "x", "y", "y", "x"])
+    assert by_set["all"] == validate(params, target.params, vocab, objective, batches, (4,), lookup=2)
+    assert by_set["x"]["anchors"] + by_set["y"]["anchors"] == by_set["all"]["anchors"]
+    assert set(by_set["all"]) == {"anchors", "acc1", "tau_chain", "tau_4", "tau_4_lookup"}
+
+
 @pytest.fixture(scope="module")
 def trained(cache, target):
     raw = {"target": "tiny", "data": {"dir": str(cache.root / "data")},
@@ -293,8 +364,9 @@ def test_bad_d2t_is_one_line_error_and_nothing_is_overwritten(tmp_path, trained)
 
 
 def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys, make_tiny_hf):
-    """`--stage features` then `--stage train` on a tiny HF target; a rerun of the features stage
-    resumes (nothing to add); bad features settings are one-line errors."""
+    """`--stage features` then `--stage train` (the first 3 rows of each block) on a tiny HF target;
+    a rerun of the features stage resumes (nothing to add); scripts/val_heads.py compares heads on
+    the split, by set and with lookup; bad features settings are one-line errors."""
     from test_train import _write_yaml
 
     from jetspec_jax.train.__main__ import main
@@ -304,7 +376,7 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
            "head": {"num_layers": 1, "mask_token_id": 3, "block_size": 4, "target_layer_ids": [0, 1],
                     "draft_vocab_size": 32},
            "train": {"output_dir": str(tmp_path / "out"), "steps": 2, "batch_size": 2, "max_length": 64,
-                     "anchors_per_seq": 4, "checkpoint_every": 2, "val_every": 2},
+                     "anchors_per_seq": 4, "checkpoint_every": 2, "val_every": 2, "block_rows": 3},
            "features": {"dir": str(tmp_path / "feat"), "taps": [0, 1], "max_length": 64, "shard_size": 10}}
     config = _write_yaml(tmp_path / "c.yaml", raw)
     assert main(["--config", config, "--stage", "features", "--no-progress"]) == 0
@@ -315,6 +387,20 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
     assert head_cfg.draft_vocab_size == 32 and params["d2t"].shape == (32,)
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "val" in x] == [2]
+    assert all(len(x["acc"]) == 2 for x in lines if "acc" in x)  # depths 1-2 trained
+    assert lines[-1]["val"]["tau_16"] >= 1.0  # validation drafts the whole block
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import val_heads
+
+    capsys.readouterr()
+    out_json = tmp_path / "val.json"
+    assert val_heads.main(["--config", config, "--head", f"new={tmp_path / 'out' / 'head'}", "--lookup", "2",
+                           "--by-set", "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "tau N=8 +2 lookup" in table[0] and [r.split(" | ")[1] for r in table[2:]] == ["all", "s"]
+    got = json.loads(out_json.read_text())[0]["val"]
+    assert got["all"] == got["s"] and got["all"]["tau_8_lookup"] >= 1.0
 
     for change, expected in ((("head", "target_layer_ids", [0, 1, 2]), "are not in features.taps"),
                              (("train", "max_length", 128), "exceeds features.max_length"),

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jetspec_jax.lookup import lookup_continuations
 from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.train.objective import ObjectiveConfig, anchor_hidden, sample_anchors
 from jetspec_jax.tree import TreeConfig, build_tree
@@ -40,54 +41,87 @@ def accepted_depth(tree_tokens, depths, mask, labels):
     return jnp.max(jnp.where(on_path, depths, 0), axis=1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "budgets"))
-def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, features, vocab, *,
-                      cfg: ObjectiveConfig, budgets: tuple):
-    """Sums over a batch's valid anchors: {"anchors", "hit1" (depth-1 top-1 hits), "chain"
-    (accepted tokens of the full-depth chain), "tree_N" for each N in budgets}."""
+def anchor_logits(head_params, target_params, tokens, lengths, prompt_lens, features, vocab, cfg: ObjectiveConfig):
+    """The head's draft logits at the fixed validation anchors.
+
+    -> anchors (B, A) int32, counted (R,) bool (a valid anchor; R = B*A), logits (R, D, V or K)
+    (columns are draft ids for a reduced-vocabulary head), labels (R, D) target ids x_{a+1..a+D}
+    (-1 past the sequence end).
+    """
     b, length = tokens.shape
-    key = jax.random.PRNGKey(VAL_SEED)
-    anchors, ok = sample_anchors(key, lengths, prompt_lens, VAL_ANCHORS, length)
+    anchors, ok = sample_anchors(jax.random.PRNGKey(VAL_SEED), lengths, prompt_lens, VAL_ANCHORS, length)
     hidden, labels, valid, _ = anchor_hidden(head_params, target_params, tokens, lengths, prompt_lens,
                                              features, anchors, ok, cfg)
     rows = hidden.reshape(b * anchors.shape[1], hidden.shape[2], -1)  # (R, D, d)
     if vocab is None:
         logits = Transformer(cfg.target).apply({"params": target_params}, rows, method=Transformer.logits)
-        to_target = lambda ids: ids  # noqa: E731
     else:
         table = output_rows(cfg.target, target_params, vocab["d2t"])
         logits = jax.lax.dot_general(rows, table, (((2,), (1,)), ((), ()))).astype(jnp.float32)
-        to_target = lambda ids: jnp.take(vocab["d2t"], ids)  # noqa: E731
-    labels = jnp.where(valid, labels, -1).reshape(rows.shape[0], -1)  # (R, D)
-    counted = ok.reshape(-1)
+    return anchors, ok.reshape(-1), logits, jnp.where(valid, labels, -1).reshape(rows.shape[0], -1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "budgets", "lookup"))
+def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, features, vocab, *,
+                      cfg: ObjectiveConfig, budgets: tuple, lookup: int = 0):
+    """Per-sequence sums over its valid anchors, each (B,): {"anchors", "hit1" (depth-1 top-1
+    hits), "chain" (accepted tokens of the full-depth chain), "tree_N" for each N in budgets, and
+    with lookup = L > 0 "tree_N_lookup" (L of the N nodes a prompt-lookup chain, as decoding
+    builds it from the prompt and answer up to the anchor; see lookup.py)}."""
+    b = tokens.shape[0]
+    anchors, counted, logits, labels = anchor_logits(head_params, target_params, tokens, lengths, prompt_lens,
+                                                     features, vocab, cfg)
+    num_anchors = anchors.shape[1]
+    column_ids = None if vocab is None else vocab["d2t"]
+    to_target = (lambda ids: ids) if vocab is None else (lambda ids: jnp.take(column_ids, ids))  # noqa: E731
+    per_seq = lambda x: jnp.sum((x * counted).reshape(b, num_anchors), axis=1)  # noqa: E731
     hits = to_target(jnp.argmax(logits, axis=-1)) == labels  # (R, D)
-    out = {"anchors": jnp.sum(counted), "hit1": jnp.sum(hits[:, 0] & counted),
-           "chain": jnp.sum(jnp.sum(jnp.cumprod(hits, axis=1), axis=1) * counted)}
+    out = {"anchors": per_seq(jnp.ones_like(counted, jnp.int32)), "hit1": per_seq(hits[:, 0]),
+           "chain": per_seq(jnp.sum(jnp.cumprod(hits, axis=1), axis=1))}
     roots = jnp.take_along_axis(tokens, anchors, axis=1).reshape(-1)
+    if lookup:  # what decoding's history holds at this round: the sequence up to the root (no later token is read)
+        history = jnp.repeat(tokens, num_anchors, axis=0)  # (R, L)
+        found, copied = lookup_continuations(history, anchors.reshape(-1), lookup)
+        greedy = to_target(jnp.argmax(logits[:, :lookup], axis=-1)).astype(jnp.int32)
+        forced = jnp.where(found[:, None], copied, greedy)
     for n in budgets:
         depth = min(labels.shape[1], n - 1)
-        tree = build_tree(roots, logits[:, :depth], TreeConfig(budget=n, width=VAL_WIDTH, depth=depth))
-        ids = jnp.concatenate([tree.tokens[:, :1], to_target(tree.tokens[:, 1:])], axis=1)
-        acc = accepted_depth(ids, tree.depths, tree.mask, labels)
-        out[f"tree_{n}"] = jnp.sum(acc * counted)
+        variants = [("", 0)] + ([("_lookup", lookup)] if 0 < lookup < n and lookup <= depth else [])
+        for suffix, forced_nodes in variants:
+            tree_cfg = TreeConfig(budget=n, width=VAL_WIDTH, depth=depth, lookup=forced_nodes)
+            tree = build_tree(roots, logits[:, :depth], tree_cfg, forced if forced_nodes else None, column_ids)
+            out[f"tree_{n}{suffix}"] = per_seq(accepted_depth(tree.tokens, tree.depths, tree.mask, labels))
     return out
 
 
-def validate(head_params, target_params, vocab, cfg: ObjectiveConfig, batches, budgets=VAL_BUDGETS) -> dict:
+def validate(head_params, target_params, vocab, cfg: ObjectiveConfig, batches, budgets=VAL_BUDGETS, *,
+             lookup: int = 0, groups=None) -> dict:
     """batches: iterable of FeatureBatch (the validation split) -> {"anchors", "acc1",
-    "tau_chain", "tau_N" for each budget} (tau includes the bonus token)."""
-    total = {}
+    "tau_chain", "tau_N" for each budget, and "tau_N_lookup" with lookup > 0} (tau includes the
+    bonus token). groups: a name per sequence, in the order the batches hold them (e.g. the prompt
+    set): then {"all": that dict, name: the same over that group's sequences, ...}."""
+    totals, names = {}, iter(groups) if groups is not None else None
     for batch in batches:
         got = jax.device_get(validation_counts(head_params, target_params, batch.tokens, batch.lengths,
                                                batch.prompt_lens, batch.features, vocab, cfg=cfg,
-                                               budgets=tuple(budgets)))
-        for k, v in got.items():
-            total[k] = total.get(k, 0) + int(v)
+                                               budgets=tuple(budgets), lookup=lookup))
+        for row in range(batch.tokens.shape[0]):
+            for group in ("all",) + (() if names is None else (next(names),)):
+                total = totals.setdefault(group, {})
+                for k, v in got.items():
+                    total[k] = total.get(k, 0) + int(v[row])
+    out = {group: _summary(total) for group, total in totals.items()}
+    if groups is None:
+        return out.get("all", _summary({}))
+    return out
+
+
+def _summary(total: dict) -> dict:
     n = max(total.get("anchors", 0), 1)
-    out = {"anchors": total.get("anchors", 0), "acc1": round(total["hit1"] / n, 4),
-           "tau_chain": round(1 + total["chain"] / n, 4)}
-    for budget in budgets:
-        out[f"tau_{budget}"] = round(1 + total[f"tree_{budget}"] / n, 4)
+    out = {"anchors": total.get("anchors", 0), "acc1": round(total.get("hit1", 0) / n, 4),
+           "tau_chain": round(1 + total.get("chain", 0) / n, 4)}
+    for k in sorted((k for k in total if k.startswith("tree_")), key=lambda k: (int(k.split("_")[1]), k)):
+        out["tau_" + k[len("tree_"):]] = round(1 + total[k] / n, 4)
     return out
 
 
