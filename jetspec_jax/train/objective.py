@@ -9,12 +9,12 @@ For a sequence x_0..x_{n-1} (prompt of length p, then the target's own response)
    is a response token.
 3. The head drafts every block `[x_a, MASK x (Bs-1)]` over the context `< a` (`AnchorHead`).
 4. Block row k (1..Bs-1) predicts x_{a+k} (hard-label CE) or matches the target's distribution at
-   position a+k-1 (forward KL at T = 1). A causal head may train only its first `block_rows` rows
-   (`ObjectiveConfig.rows`): they are exactly the first rows of the full block, and a tree of N
-   nodes never drafts deeper than N-1, so the cost of a step follows the depths that are used. Row 0 (the anchor) has no loss; rows past the sequence
+   position a+k-1 (forward KL at T = 1). Row 0 (the anchor) has no loss; rows past the sequence
    end are masked; the loss is the weighted mean over valid rows, depth k weighing
    exp(-(k-1)/gamma) with `loss_decay_gamma` (early depths decide the accepted length), or every
-   depth the same when it is None.
+   depth the same when it is None. A causal head may train only its first `block_rows` rows
+   (`ObjectiveConfig.rows`): they are exactly the first rows of the full block, and a tree of N
+   nodes never drafts deeper than N-1, so a step's cost can follow the depths trees use.
 
 With a feature cache (features.py) the taps and the target's top-k next-token log-probs come
 from disk instead of step 1, and "kl" becomes cross-entropy to that top-k (renormalised). A

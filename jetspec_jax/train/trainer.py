@@ -40,6 +40,9 @@ from jetspec_jax.train.validate import coverage, draft_vocabulary, validate, voc
 
 # Train settings that do not change what a run computes (may differ on resume).
 _BOOKKEEPING = ("output_dir", "checkpoint_every", "keep_checkpoints")
+# Settings added after runs had started: left unset they compute what those runs did, so they stay
+# out of the identity (a run from before them still resumes).
+_ADDED_LATER = ("block_rows",)
 
 
 NEW_HEAD_TAPS = 5
@@ -89,7 +92,8 @@ def step_config(cfg: TrainConfig, head: HeadConfig, target: ModelConfig) -> Step
 
 def _run_identity(cfg: TrainConfig, num_sequences: int, pool_size: int) -> dict:
     """What must match for a checkpoint to be resumed by this config."""
-    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in _BOOKKEEPING}
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items()
+             if k not in _BOOKKEEPING and not (k in _ADDED_LATER and v is None)}
     out = {"target": cfg.target, "head": dataclasses.asdict(cfg.head), "train": train,
            "num_sequences": num_sequences}
     if cfg.features is not None:  # the sequences a step reads depend on what the cache held
