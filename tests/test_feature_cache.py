@@ -263,8 +263,8 @@ def test_validation_with_lookup_matches_a_host_walk(trained, cache, target):
         for r in range(6 * a):
             if not counted[r]:
                 continue
-            b, c = divmod(r, a)
-            c = int(anchors[b, c])
+            b, j = divmod(r, a)
+            c = int(anchors[b, j])  # the root's position
             copied = _host_lookup(tokens[b], c, 2)
             forced = copied if copied is not None else d2t[np.argmax(logits[r, :2], -1)].tolist()
             for suffix, lookup in (("", 0), ("_lookup", 2)):

@@ -27,6 +27,7 @@ import yaml
 
 from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import check_training_sets
+from jetspec_jax.train.objective import block_rows_fit
 
 SECTIONS = ("data", "head", "train", "features")
 OPTIONAL_SECTIONS = ("features",)
@@ -180,7 +181,7 @@ def _validate(cfg: TrainConfig) -> None:
             raise UserError(f"{where}: train.{name} must be >= 1")
     if t.loss_decay_gamma is not None and not t.loss_decay_gamma > 0:
         raise UserError(f"{where}: train.loss_decay_gamma must be > 0 (or unset)")
-    if t.block_rows is not None and not (2 <= t.block_rows <= cfg.head.block_size and cfg.head.causal):
+    if t.block_rows is not None and not block_rows_fit(t.block_rows, cfg.head.block_size, cfg.head.causal):
         raise UserError(f"{where}: train.block_rows must be in [2, head.block_size] and needs head.causal: true "
                         "(a bidirectional row sees the whole block)")
     if t.max_length < cfg.head.block_size + 2:

@@ -57,11 +57,15 @@ class ObjectiveConfig:
         (inference's `DecodeConfig.block_rows` skips the same rows); a bidirectional head needs all."""
         if self.block_rows is None:
             return self.head.block_size
-        if not self.head.causal and self.block_rows != self.head.block_size:
-            raise ValueError("block_rows < block_size needs a causal head (a bidirectional row sees the whole block)")
-        if not 2 <= self.block_rows <= self.head.block_size:
-            raise ValueError(f"block_rows must be in [2, {self.head.block_size}], got {self.block_rows}")
+        if not block_rows_fit(self.block_rows, self.head.block_size, self.head.causal):
+            raise ValueError(f"block_rows {self.block_rows} must be in [2, {self.head.block_size}] and needs a causal "
+                             "head (a bidirectional row sees the whole block)")
         return self.block_rows
+
+
+def block_rows_fit(block_rows: int, block_size: int, causal: bool) -> bool:
+    """Whether a head may train only its first `block_rows` rows: a causal head, 2 <= rows <= Bs."""
+    return 2 <= block_rows <= block_size and causal
 
 
 def target_features(cfg: ObjectiveConfig, target_params, tokens):
