@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jetspec_jax.cache import KVCache, write_rows
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
+from jetspec_jax.kernels.cpu_matmul import dot_general
 from jetspec_jax.layers import DecoderLayer, RMSNorm, rope_tables
 
 
@@ -114,7 +115,8 @@ class DraftHead(nn.Module):
     def setup(self):
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        self.fc = nn.Dense(c.hidden_size, use_bias=False, dtype=dtype, param_dtype=dtype, name="fc")
+        self.fc = nn.Dense(c.hidden_size, use_bias=False, dtype=dtype, param_dtype=dtype, dot_general=dot_general,
+                           name="fc")
         self.hidden_norm = RMSNorm(c.rms_norm_eps, dtype, name="hidden_norm")
         self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, dtype, name="norm")

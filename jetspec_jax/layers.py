@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jetspec_jax.cache import write_rows
 from jetspec_jax.kernels import tree_attention
+from jetspec_jax.kernels.cpu_matmul import dot_general
 from jetspec_jax.moe import SparseMoE
 
 
@@ -53,7 +54,10 @@ def attention_implementation(name: str):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one kernel (layout.py)."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one kernel (layout.py).
+
+    Every product of the layers goes through `kernels.cpu_matmul.dot_general`: on CPU, a few rows
+    (decoding, a tree's verification) stream the weights once; anything else is XLA's dot."""
 
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
@@ -61,10 +65,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         gate_up = nn.DenseGeneral((2, self.intermediate_size), use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.dtype, name="gate_up_proj")(x)  # (..., 2, F)
+                                  param_dtype=self.dtype, dot_general=dot_general, name="gate_up_proj")(x)  # (..., 2, F)
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
         return nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                        name="down_proj")(h)
+                        dot_general=dot_general, name="down_proj")(h)
 
 
 class Attention(nn.Module):
@@ -89,9 +93,10 @@ class Attention(nn.Module):
         group = self.num_heads // self.num_kv_heads
         # One kernel for q, k and v: per KV head, its query heads, then its key and value (layout.py).
         self.qkv_proj = nn.DenseGeneral((self.num_kv_heads, group + 2, self.head_dim), use_bias=self.qkv_bias,
-                                        dtype=self.dtype, param_dtype=self.dtype, name="qkv_proj")
+                                        dtype=self.dtype, param_dtype=self.dtype, dot_general=dot_general,
+                                        name="qkv_proj")
         self.o_proj = nn.Dense(self.hidden_size, use_bias=self.o_bias, dtype=self.dtype, param_dtype=self.dtype,
-                               name="o_proj")
+                               dot_general=dot_general, name="o_proj")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="k_norm")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jetspec_jax.cache import KVCache
 from jetspec_jax.config import ModelConfig
+from jetspec_jax.kernels.cpu_matmul import dot_general, matmul
 from jetspec_jax.layers import DecoderLayer, RMSNorm, rope_tables
 
 
@@ -29,7 +30,8 @@ class Transformer(nn.Module):
         self.layers = [DecoderLayer(c, c.is_sparse_layer(i), name=f"layers_{i}") for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, dtype, name="final_norm")
         if not c.tie_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype, name="lm_head")
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
+                                    dot_general=dot_general, name="lm_head")
 
     def embed(self, tokens):
         """tokens (B, T) int32 -> (B, T, d)."""
@@ -41,8 +43,9 @@ class Transformer(nn.Module):
             # h . E^T contracted against E's own last axis: no transposed copy of E. (`attend`
             # writes `h @ E.T`, which XLA:CPU lowered to a 113 MB re-layout of the embedding
             # every decoding step for SmolLM2.)
+            # On CPU a few rows go through the small-row kernel (kernels/cpu_matmul), like the layers.
             table = self.embed_tokens.embedding
-            out = jax.lax.dot_general(h.astype(table.dtype), table, (((h.ndim - 1,), (1,)), ((), ())))
+            out = matmul(h.astype(table.dtype), table, "nk")
         else:
             out = self.lm_head(h)
         return out.astype(jnp.float32)

@@ -19,6 +19,7 @@ from jetspec_jax.accept import accept
 from jetspec_jax.cache import KVCache, commit_rows
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.head import DraftHead, HeadConfig
+from jetspec_jax.kernels.cpu_matmul import matmul
 from jetspec_jax.lookup import lookup_continuations
 from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.sampling import sample_tokens
@@ -145,8 +146,7 @@ def draft_logits(params, root, head_cache: KVCache, config: DecodeConfig):
         logits = target.apply({"params": params["target"]}, rows, method=Transformer.logits)
     else:  # logits over the K draft ids only (draft id i is target id d2t[i])
         table = draft_table(params, config)
-        logits = jax.lax.dot_general(rows.astype(table.dtype), table, (((2,), (1,)), ((), ())))
-        logits = logits.astype(jnp.float32)
+        logits = matmul(rows.astype(table.dtype), table, "nk").astype(jnp.float32)
     return logits, head_cache
 
 

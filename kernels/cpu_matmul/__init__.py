@@ -1,0 +1,190 @@
+"""Matrix products of a few rows on CPU that run at the speed of reading the weights.
+
+Decoding reads every weight once per step. XLA:CPU runs a one-row product as a GEMV at the
+memory's speed, but two rows or more go to its GEMM, which on our development machine costs
+1.5-1.8x the GEMV (`scripts/bench_cpu_matmul.py`), so every tree round paid that before accepting
+a token. This kernel (LLVM IR written in `codegen.py`, compiled for the running CPU by llvmlite,
+called by XLA through its typed FFI) streams W once for all rows, one vector accumulator per row
+in registers, half of the columns on XLA's intra-op thread pool: 1.04x the one-row time at 2
+rows, 1.14x at 5, 1.37x at 8 on that machine.
+
+    y = matmul(x, w)            # x (..., K) . w (K, N)  (a Dense kernel)
+    y = matmul(x, table, "nk")  # x (..., K) . table (N, K)^T (a tied embedding as LM head)
+    nn.Dense(..., dot_general=dot_general)   # the same inside Flax layers
+
+It is used where it pays and is correct to use: float32, at most `MAX_ROWS` rows, dimensions the
+kernel tiles, on CPU (`lax.platform_dependent`: GPU lowerings get XLA's dot) with one device (a
+partitioner cannot split a custom call, so sharded programs keep XLA's dot). Anything else, and
+gradients (a custom VJP), use XLA's dot. The compiled machine code is kept under
+`$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py, the CPU and llvmlite), so only the first
+process on a machine pays LLVM's 1-2 seconds. Each output is one float32 sum over k whose order
+does not depend on the row count, so a tree's rows get the same bits as one-row decoding.
+`enabled()` says whether it can run here (llvmlite importable, x86-64 or aarch64 Linux/macOS);
+JETSPEC_CPU_MATMUL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 10  # from ~12 rows on, XLA's GEMM is as fast here (scripts/bench_cpu_matmul.py)
+TARGETS = {"kn": "jetspec_matmul_kn", "nk": "jetspec_matmul_nk"}  # FFI target names, by layout
+
+
+@functools.cache
+def _engine():
+    """Compile the kernels for this CPU (or load them from the cache) and register their FFI
+    handlers, once per process."""
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    from jetspec_jax.kernels.cpu_matmul import codegen
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    llvm.initialize_native_asmparser()  # the spin-wait's pause instruction is inline assembly
+    cpu, features, triple = llvm.get_host_cpu_name(), llvm.get_host_cpu_features(), llvm.get_process_triple()
+    wide = bool(features.get("avx512f", False))
+    subs = dict(kn_sub=16 if wide else 6, nk_sub=6 if wide else 2)  # rows whose accumulators fit the registers
+    machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features.flatten(), opt=3,
+                                                                    codemodel="jitdefault")
+    source = Path(codegen.__file__).read_bytes()
+    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, subs)).encode(), cpu.encode(),
+                                     features.flatten().encode(), triple.encode(),
+                                     llvmlite.__version__.encode()])).hexdigest()[:24]
+    directory = _object_dir()
+    cached = directory / f"{key}.o" if directory is not None else None
+    blob = cached.read_bytes() if cached is not None and cached.is_file() else None
+    if blob is None:
+        module = codegen.build_module(MAX_ROWS, **subs, triple=triple, data_layout=str(machine.target_data))
+        parsed = llvm.parse_assembly(str(module))
+        parsed.verify()
+        builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+        builder.getModulePassManager().run(parsed, builder)
+        blob = machine.emit_object(parsed)
+        _store(cached, blob)
+    empty = llvm.parse_assembly(f'target triple = "{triple}"')
+    engine = llvm.create_mcjit_compiler(empty, machine)
+    engine.add_object_file(llvm.ObjectFileRef.from_data(blob))
+    engine.finalize_object()
+    for name in TARGETS.values():
+        address = engine.get_function_address(name)
+        if not address:
+            raise RuntimeError(f"{name} missing from the compiled kernels")
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(address), platform="cpu")
+    return engine
+
+
+def _object_dir():
+    """Where the machine code is kept: `$JETSPEC_CACHE/cpu_matmul` (its name says which source, CPU
+    and llvmlite made it, so a stale file is never read)."""
+    from jetspec_jax.loading.registry import cache_dir
+
+    return cache_dir() / "cpu_matmul"
+
+
+def _store(path, obj: bytes) -> None:
+    """Keep the machine code for the next process (atomically; a cache that cannot be written only
+    means compiling again)."""
+    if path is None:
+        return
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(obj)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def enabled() -> bool:
+    """The kernel can run in this process (and JETSPEC_CPU_MATMUL is not 0)."""
+    if os.environ.get("JETSPEC_CPU_MATMUL", "1") == "0":
+        return False
+    if sys.platform not in ("linux", "darwin") or platform.machine().lower() not in ("x86_64", "aarch64", "arm64"):
+        return False  # the FFI structs' offsets are those of the LP64 C ABI
+    try:
+        _engine()
+    except Exception:  # llvmlite missing or unable to compile here: XLA's dot serves
+        return False
+    return True
+
+
+def fits(rows: int, k: int, n: int, layout: str = "kn") -> bool:
+    """The kernel tiles this product (a static decision, made while tracing)."""
+    from jetspec_jax.kernels.cpu_matmul.codegen import K_CHUNK, LANES, W_ROWS
+
+    if not 1 <= rows <= MAX_ROWS:
+        return False
+    if layout == "kn":
+        return k % K_CHUNK == 0 and n % LANES == 0
+    return k % LANES == 0 and n % W_ROWS == 0
+
+
+def _xla(x, w, layout):
+    contract = 0 if layout == "kn" else 1
+    return jax.lax.dot_general(x, w, (((1,), (contract,)), ((), ())))
+
+
+def _kernel(x, w, layout):
+    n = w.shape[1] if layout == "kn" else w.shape[0]
+    call = jax.ffi.ffi_call(TARGETS[layout], jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _product(x, w, layout):
+    return jax.lax.platform_dependent(x, w, cpu=functools.partial(_kernel, layout=layout),
+                                      default=functools.partial(_xla, layout=layout))
+
+
+def _product_fwd(x, w, layout):
+    return _product(x, w, layout), (x, w)
+
+
+def _product_bwd(layout, residuals, g):
+    x, w = residuals
+    _, vjp = jax.vjp(functools.partial(_xla, layout=layout), x, w)
+    return vjp(g)
+
+
+_product.defvjp(_product_fwd, _product_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, layout: str = "kn") -> jax.Array:
+    """x (..., K) . w: (K, N) for layout "kn", (N, K) for "nk" -> (..., N) in x's dtype."""
+    if layout not in TARGETS:
+        raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
+    k = x.shape[-1]
+    n = w.shape[1] if layout == "kn" else w.shape[0]
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    use = (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and fits(rows, k, n, layout)
+           and len(jax.devices()) == 1 and enabled())  # several devices never load LLVM
+    flat = x.reshape(rows, k)
+    out = _product(flat, w, layout) if use else _xla(flat, w, layout)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`lax.dot_general` for Flax's Dense/DenseGeneral (`dot_general=`): their product (lhs's last
+    axis against the kernel's first, no batch axes) goes through `matmul`, anything else to XLA."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    plain = (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and precision is None
+             and preferred_element_type in (None, lhs.dtype) and not kwargs)
+    if not plain:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type, **kwargs)
+    out = matmul(lhs, rhs.reshape(rhs.shape[0], -1))
+    return out.reshape(*lhs.shape[:-1], *rhs.shape[1:])
