@@ -25,11 +25,12 @@ class _Parser(argparse.ArgumentParser):
 # Tree nodes per round when --budget / --lookup are not given: the fastest configuration of the
 # bench's sweeps for the shipped SmolLM2 head on CPU (2-core machine): 2026-12-02, budgets 2, 4, 8, 16
 # x lookup 0, 2 (N=4 with 2 lookup nodes 1.11x AR, without lookup 0.95x, N=8 with lookup 0.99x);
-# 2026-12-06 (stage-9 head, `docs/bench/small-budgets/report.md`), budgets 2, 3, 4 x lookup 0, 1, 2:
-# N=4 with 2 lookup nodes 0.98x AR, the best of the sweep (N=3 with 2 lookup 0.93x, N=2 0.82-0.87x) on
-# a machine where verifying even 2 tokens cost 1.6x an AR step. On a GPU verifying N tokens costs
-# about one token's forward up to large N, hence 32 there (no GPU measurement yet, and lookup stays
-# off on GPU until one).
+# 2026-12-06 with kernels/cpu_matmul (verifying 4 tokens 1.23x an AR step instead of 1.6x; stage-9
+# head, `docs/bench/small-budgets/report.md`), budgets 3-6 x lookup 2, 3: every config 1.09-1.18x
+# AR, N=4 with 2 lookup nodes 1.15x (1.22x in docs/bench the same hour), N=4 with 3 1.18x, N=3 with 2
+# 1.17x: within the run-to-run noise, so the default stays. On a GPU verifying N tokens costs about one
+# token's forward up to large N, hence 32 there (no GPU measurement yet, and lookup stays off on GPU
+# until one).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
 DEFAULT_LOOKUP = {"cpu": 2, "gpu": 0}
 # bf16 matmuls are 10-20x slower than f32 on XLA:CPU (DESIGN.md section 6); GPUs read half the bytes.

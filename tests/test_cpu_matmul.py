@@ -172,3 +172,37 @@ def test_the_model_uses_it_for_decoding_rows_only(tiny_hf_models):
     for t, expect in ((1, True), (4, True), (MAX_ROWS + 6, False)):
         text = jax.jit(forward).lower(jnp.zeros((1, t), jnp.int32)).as_text()
         assert ("jetspec_matmul_kn" in text) == expect and ("jetspec_matmul_nk" in text) == expect
+
+
+NARROW = """
+import llvmlite.binding as llvm
+features = llvm.get_host_cpu_features()
+for name in list(features):
+    if name.startswith("avx512"):
+        features[name] = False
+llvm.get_host_cpu_features = lambda: features
+import jax, numpy as np
+from jetspec_jax.kernels import cpu_matmul as c
+assert c.enabled()
+rng = np.random.default_rng(1)
+for k, n in [(64, 48), (576, 960)]:
+    x = rng.standard_normal((c.MAX_ROWS, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    want = x.astype(np.float64) @ w
+    for layout, w_in in (("kn", w), ("nk", np.ascontiguousarray(w.T))):
+        fn = jax.jit(lambda a, b: c.matmul(a, b, layout))
+        one = np.stack([np.asarray(fn(x[i:i + 1], w_in))[0] for i in range(c.MAX_ROWS)])
+        np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+        for rows in range(2, c.MAX_ROWS + 1):
+            np.testing.assert_array_equal(np.asarray(fn(x[:rows], w_in)), one[:rows])
+print("ok")
+"""
+
+
+def test_without_avx512_the_kernel_splits_rows_into_smaller_register_sets(tmp_path):
+    """The code a CPU without AVX-512 gets (fewer rows per register set, so 7-10 rows take two
+    sets sharing each tile of W), compiled here with AVX-512 switched off."""
+    out = subprocess.run([sys.executable, "-c", NARROW], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, JETSPEC_CACHE=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ok"]

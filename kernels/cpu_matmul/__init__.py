@@ -5,8 +5,8 @@ memory's speed, but two rows or more go to its GEMM, which on our development ma
 1.5-1.8x the GEMV (`scripts/bench_cpu_matmul.py`), so every tree round paid that before accepting
 a token. This kernel (LLVM IR written in `codegen.py`, compiled for the running CPU by llvmlite,
 called by XLA through its typed FFI) streams W once for all rows, one vector accumulator per row
-in registers, half of the columns on XLA's intra-op thread pool: 1.04x the one-row time at 2
-rows, 1.14x at 5, 1.37x at 8 on that machine.
+in registers, half of the columns on XLA's intra-op thread pool: 1.01x the one-row time at 2
+rows, 1.11x at 5, 1.34x at 8 on that machine (XLA: 1.59x, 1.55x, 1.81x; docs/bench/cpu_matmul).
 
     y = matmul(x, w)            # x (..., K) . w (K, N)  (a Dense kernel)
     y = matmul(x, table, "nk")  # x (..., K) . table (N, K)^T (a tied embedding as LM head)
