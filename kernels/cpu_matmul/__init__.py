@@ -171,7 +171,8 @@ def matmul(x: jax.Array, w: jax.Array, layout: str = "kn") -> jax.Array:
     for d in x.shape[:-1]:
         rows *= d
     use = (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and fits(rows, k, n, layout)
-           and len(jax.devices()) == 1 and enabled())  # several devices never load LLVM
+           and jax.default_backend() == "cpu" and len(jax.devices()) == 1
+           and enabled())  # GPU machines and several devices never load LLVM
     flat = x.reshape(rows, k)
     out = _product(flat, w, layout) if use else _xla(flat, w, layout)
     return out.reshape(*x.shape[:-1], n)
