@@ -16,7 +16,7 @@ It is used where it pays and is correct to use: float32, at most `MAX_ROWS` rows
 kernel tiles, on CPU (`lax.platform_dependent`: GPU lowerings get XLA's dot) with one device (a
 partitioner cannot split a custom call, so sharded programs keep XLA's dot). Anything else, and
 gradients (a custom VJP), use XLA's dot. The compiled machine code is kept under
-`$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py, the CPU and llvmlite), so only the first
+`$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py, the tiling, the CPU and llvmlite), so only the first
 process on a machine pays LLVM's 1-2 seconds. Each output is one float32 sum over k whose order
 does not depend on the row count, so a tree's rows get the same bits as one-row decoding.
 `enabled()` says whether it can run here (llvmlite importable, x86-64 or aarch64 Linux/macOS);
@@ -37,6 +37,10 @@ import jax.numpy as jnp
 
 MAX_ROWS = 10  # from ~12 rows on, XLA's GEMM is as fast here (scripts/bench_cpu_matmul.py)
 TARGETS = {"kn": "jetspec_matmul_kn", "nk": "jetspec_matmul_nk"}  # FFI target names, by layout
+# The kernels' tiling (codegen.py), here so that deciding whether a product fits needs no llvmlite.
+LANES = 16      # floats per vector (one AVX-512 register, two AVX2 registers)
+K_CHUNK = 16    # rows of W per accumulator round trip (kn)
+W_ROWS = 4      # rows of W dotted at once (nk)
 
 
 @functools.cache
@@ -57,12 +61,11 @@ def _engine():
     machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features.flatten(), opt=3,
                                                                     codemodel="jitdefault")
     source = Path(codegen.__file__).read_bytes()
-    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, subs)).encode(), cpu.encode(),
+    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, LANES, K_CHUNK, W_ROWS, subs)).encode(), cpu.encode(),
                                      features.flatten().encode(), triple.encode(),
                                      llvmlite.__version__.encode()])).hexdigest()[:24]
-    directory = _object_dir()
-    cached = directory / f"{key}.o" if directory is not None else None
-    blob = cached.read_bytes() if cached is not None and cached.is_file() else None
+    cached = _object_dir() / f"{key}.o"
+    blob = cached.read_bytes() if cached.is_file() else None
     if blob is None:
         module = codegen.build_module(MAX_ROWS, **subs, triple=triple, data_layout=str(machine.target_data))
         parsed = llvm.parse_assembly(str(module))
@@ -94,8 +97,6 @@ def _object_dir():
 def _store(path, obj: bytes) -> None:
     """Keep the machine code for the next process (atomically; a cache that cannot be written only
     means compiling again)."""
-    if path is None:
-        return
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +122,6 @@ def enabled() -> bool:
 
 def fits(rows: int, k: int, n: int, layout: str = "kn") -> bool:
     """The kernel tiles this product (a static decision, made while tracing)."""
-    from jetspec_jax.kernels.cpu_matmul.codegen import K_CHUNK, LANES, W_ROWS
-
     if not 1 <= rows <= MAX_ROWS:
         return False
     if layout == "kn":

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-LANES = 16      # floats per vector (one AVX-512 register, two AVX2 registers)
-K_CHUNK = 16    # rows of W per accumulator round trip (kn)
-W_ROWS = 4      # rows of W dotted at once (nk)
+from jetspec_jax.kernels.cpu_matmul import K_CHUNK, LANES, W_ROWS
 
 F32 = ir.FloatType()
 I32 = ir.IntType(32)
@@ -55,7 +53,7 @@ class _Loop:
     """`for i in range(start, stop, step)` over i64 with an alloca counter (mem2reg removes it)."""
 
     def __init__(self, b: ir.IRBuilder, start, stop, step, name):
-        self.b, self.stop, self.step, self.name = b, stop, step, name
+        self.b, self.step = b, step
         fn = b.function
         self.var = b.alloca(I64, name=f"{name}.var")
         b.store(start, self.var)
