@@ -155,7 +155,7 @@ def _export(jitted, args, treedef):
 
     # The CPU matrix kernel is registered by name in every process that builds a model
     # (cpu_matmul.enabled(), called again in _read before a cached program runs).
-    checks = [export.DisabledSafetyCheck.custom_call(name) for name in cpu_matmul.TARGETS.values()]
+    checks = [export.DisabledSafetyCheck.custom_call(name) for name in cpu_matmul.FFI_TARGETS]
     exported = export.export(jax.jit(flat), disabled_checks=checks)(*jax.tree.leaves(args))
     info = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.out_avals]
     return exported, out["tree"], jax.tree.unflatten(out["tree"], info)
@@ -168,7 +168,7 @@ def _read(path: Path):
 
     try:
         blob, out_tree, out_info = pickle.loads(path.read_bytes())
-        if any(name.encode() in blob for name in cpu_matmul.TARGETS.values()) and not cpu_matmul.enabled():
+        if any(name.encode() in blob for name in cpu_matmul.FFI_TARGETS) and not cpu_matmul.enabled():
             return None  # made where the kernel ran; here it cannot: trace again
         entry = export.deserialize(bytearray(blob)), out_tree, out_info
         os.utime(path)  # recently used: the last to be pruned

@@ -21,6 +21,10 @@ process on a machine pays LLVM's 1-2 seconds. Each output is one float32 sum ove
 does not depend on the row count, so a tree's rows get the same bits as one-row decoding.
 `enabled()` says whether it can run here (llvmlite importable, x86-64 or aarch64 Linux/macOS);
 JETSPEC_CPU_MATMUL=0 turns it off.
+
+The same module holds the tree attention of a few query rows (`attention.py`, used through
+`kernels/tree_attn/cpu.py`): XLA:CPU spends most of a decoding layer's attention on dispatching a
+dozen tiny ops, the kernel does it in one call (scripts/profile_round.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ import jax.numpy as jnp
 
 MAX_ROWS = 10  # from ~12 rows on, XLA's GEMM is as fast here (scripts/bench_cpu_matmul.py)
 TARGETS = {"kn": "jetspec_matmul_kn", "nk": "jetspec_matmul_nk"}  # FFI target names, by layout
+ATTENTION_TARGET = "jetspec_tree_attention"  # attention.py
+HEAD_DIMS = (16, 32, 64, 128)  # head dimensions the attention kernel is specialised for
+MAX_QUERIES = 16  # tree rows per attention call it takes (more: a prefill chunk, XLA's attention)
+FFI_TARGETS = (*TARGETS.values(), ATTENTION_TARGET)  # every handler the module registers
 # The kernels' tiling (codegen.py), here so that deciding whether a product fits needs no llvmlite.
 LANES = 16      # floats per vector (one AVX-512 register, two AVX2 registers)
 K_CHUNK = 16    # rows of W per accumulator round trip (kn)
@@ -50,7 +58,7 @@ def _engine():
     import llvmlite
     import llvmlite.binding as llvm
 
-    from jetspec_jax.kernels.cpu_matmul import codegen
+    from jetspec_jax.kernels.cpu_matmul import attention, codegen
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
@@ -60,14 +68,16 @@ def _engine():
     subs = dict(kn_sub=16 if wide else 6, nk_sub=6 if wide else 2)  # rows whose accumulators fit the registers
     machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features.flatten(), opt=3,
                                                                     codemodel="jitdefault")
-    source = Path(codegen.__file__).read_bytes()
-    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, LANES, K_CHUNK, W_ROWS, subs)).encode(), cpu.encode(),
+    here = Path(codegen.__file__).parent
+    source = (here / "codegen.py").read_bytes() + (here / "attention.py").read_bytes()
+    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, LANES, K_CHUNK, W_ROWS, HEAD_DIMS, subs)).encode(), cpu.encode(),
                                      features.flatten().encode(), triple.encode(),
                                      llvmlite.__version__.encode()])).hexdigest()[:24]
     cached = _object_dir() / f"{key}.o"
     blob = cached.read_bytes() if cached.is_file() else None
     if blob is None:
         module = codegen.build_module(MAX_ROWS, **subs, triple=triple, data_layout=str(machine.target_data))
+        attention.build_attention(module)
         parsed = llvm.parse_assembly(str(module))
         parsed.verify()
         builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
@@ -78,7 +88,7 @@ def _engine():
     engine = llvm.create_mcjit_compiler(empty, machine)
     engine.add_object_file(llvm.ObjectFileRef.from_data(blob))
     engine.finalize_object()
-    for name in TARGETS.values():
+    for name in FFI_TARGETS:
         address = engine.get_function_address(name)
         if not address:
             raise RuntimeError(f"{name} missing from the compiled kernels")
@@ -129,6 +139,13 @@ def fits(rows: int, k: int, n: int, layout: str = "kn") -> bool:
     return k % LANES == 0 and n % W_ROWS == 0
 
 
+def active(*dtypes) -> bool:
+    """The kernel serves float32 products of these dtypes in this process: CPU backend, one
+    device, kernel enabled (GPU machines and several devices never load LLVM)."""
+    return (all(d == jnp.float32 for d in dtypes) and jax.default_backend() == "cpu" and len(jax.devices()) == 1
+            and enabled())
+
+
 def _xla(x, w, layout):
     contract = 0 if layout == "kn" else 1
     return jax.lax.dot_general(x, w, (((1,), (contract,)), ((), ())))
@@ -169,9 +186,7 @@ def matmul(x: jax.Array, w: jax.Array, layout: str = "kn") -> jax.Array:
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    use = (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and fits(rows, k, n, layout)
-           and jax.default_backend() == "cpu" and len(jax.devices()) == 1
-           and enabled())  # GPU machines and several devices never load LLVM
+    use = w.ndim == 2 and fits(rows, k, n, layout) and active(x.dtype, w.dtype)
     flat = x.reshape(rows, k)
     out = _product(flat, w, layout) if use else _xla(flat, w, layout)
     return out.reshape(*x.shape[:-1], n)

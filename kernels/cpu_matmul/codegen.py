@@ -240,9 +240,11 @@ def _task(module, name, driver, free) -> ir.Function:
     return fn
 
 
-def _handler(module, name, driver, task, layout: str, runtime) -> ir.Function:
-    """XLA FFI handler `name`(call_frame) -> error (always null): (x, w) -> out by `driver`."""
-    malloc, free, pause = runtime
+def ffi_entry(module, name):
+    """An XLA FFI handler `name`(call_frame) -> error (always null) that answers XLA's metadata
+    query and ignores every stage but execute -> (function, builder positioned in the execute
+    block, call frame, the block that returns). The caller emits the execute block and branches
+    to the returned block."""
     fn = ir.Function(module, ir.FunctionType(PTR, [PTR]), name=name)
     frame = fn.args[0]
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -271,7 +273,18 @@ def _handler(module, name, driver, task, layout: str, runtime) -> ir.Function:
     stage = b.load(_gep(b, frame, _const(CALL_FRAME_STAGE), i8), typ=I32, align=4)
     b.cbranch(b.icmp_unsigned("==", stage, _i32(STAGE_EXECUTE)), exec_bb, done_bb)
 
+    b.position_at_end(done_bb)
+    b.ret(null)
     b.position_at_end(exec_bb)
+    return fn, b, frame, done_bb
+
+
+def _handler(module, name, driver, task, layout: str, runtime) -> ir.Function:
+    """XLA FFI handler `name`: (x, w) -> out by `driver`."""
+    malloc, free, pause = runtime
+    fn, b, frame, done_bb = ffi_entry(module, name)
+    null = ir.Constant(PTR, None)
+    i8 = ir.IntType(8)
     args = _load_ptr(b, frame, CALL_FRAME_ARGS)
     rets = _load_ptr(b, frame, CALL_FRAME_RETS)
     x_buf = b.load(args, typ=PTR, align=8)
@@ -335,9 +348,6 @@ def _handler(module, name, driver, task, layout: str, runtime) -> ir.Function:
     b.position_at_end(finish_bb)
     _release(b, free, record)
     b.branch(done_bb)
-
-    b.position_at_end(done_bb)
-    b.ret(null)
     return fn
 
 

@@ -7,6 +7,7 @@ import functools
 import jax
 from jax.sharding import PartitionSpec as P
 
+from jetspec_jax.kernels.tree_attn.cpu import tree_attention_cpu
 from jetspec_jax.kernels.tree_attn.pallas_kernel import pallas_supports, tree_attention_pallas
 from jetspec_jax.kernels.tree_attn.xla import tree_attention_xla, tree_attention_xla_branch_free
 
@@ -22,7 +23,7 @@ def tree_attention(q, k, v, lengths, tree_mask, *, implementation: str = "auto",
     lengths (B,) int32; tree_mask (B, N, N) bool (ancestor-or-self) -> (B, N, Hq, D).
 
     implementation: "pallas", "xla", or "auto": the Pallas kernel in programs lowered for CUDA,
-    XLA elsewhere, decided per lowering platform (`lax.platform_dependent`), so a program lowered
+    the CPU kernel (`kernels/tree_attn/cpu.py`) where it fits on CPU, XLA elsewhere, decided per lowering platform (`lax.platform_dependent`), so a program lowered
     for CUDA on a CPU machine holds the kernel. "pallas" falls back to XLA only for inputs the
     kernel does not cover (it raises NotImplementedError, e.g. head_dim 80); every other error
     propagates. XLA on CUDA is the branch-free variant. `interpret` runs the Pallas kernel on CPU
@@ -32,17 +33,18 @@ def tree_attention(q, k, v, lengths, tree_mask, *, implementation: str = "auto",
         raise ValueError(f"unknown tree-attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
     args = (q, k, v, lengths, tree_mask)
     if implementation == "xla" or not pallas_supports(*args):
-        return _xla(*args)
+        return _xla(*args, cpu=tree_attention_cpu if implementation == "auto" else tree_attention_xla)
     if implementation == "pallas":
         return _per_shard(functools.partial(tree_attention_pallas, interpret=interpret), *args)
-    # "auto": both branches are traced, only the lowering platform's is emitted.
+    # "auto": both branches are traced, only the lowering platform's is emitted; on CPU the LLVM
+    # kernel where it fits (cpu.py), else XLA.
     return jax.lax.platform_dependent(*args, cuda=lambda *a: _per_shard(tree_attention_pallas, *a),
-                                      rocm=tree_attention_xla_branch_free, default=tree_attention_xla)
+                                      rocm=tree_attention_xla_branch_free, default=tree_attention_cpu)
 
 
-def _xla(*args):
+def _xla(*args, cpu=tree_attention_xla):
     return jax.lax.platform_dependent(*args, cuda=tree_attention_xla_branch_free, rocm=tree_attention_xla_branch_free,
-                                      default=tree_attention_xla)
+                                      default=cpu)
 
 
 def _per_shard(kernel, q, k, v, lengths, tree_mask):
