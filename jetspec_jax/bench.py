@@ -173,6 +173,7 @@ def run(argv=None, prompt_sets=None) -> int:
     from jetspec_jax.benchmark.peers import load_peers
     from jetspec_jax.benchmark.sweep import Sweep
     from jetspec_jax.loading import load_model, resolve_model
+    from jetspec_jax.model import with_lm_head_copy
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -184,7 +185,8 @@ def run(argv=None, prompt_sets=None) -> int:
     head_dir, head = load_head(args, model, notes)
     configs = sweep_configs(args, model.config, head[0] if head else None)
     sets = load_sets(args, model.tokenizer, prompt_sets)
-    params = {"target": model.params} | ({"head": head[1]} if head else {})
+    target = with_lm_head_copy(model.config, model.params)  # as Runner does: the CPU kernel's LM-head layout
+    params = {"target": target} | ({"head": head[1]} if head else {})
     peers = load_peers(args.peers, resolve_model(args.model), head_dir, notes,
                        torch_threads=args.torch_threads)
     for n in notes:

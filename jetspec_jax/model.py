@@ -16,8 +16,12 @@ import jax.numpy as jnp
 
 from jetspec_jax.cache import KVCache
 from jetspec_jax.config import ModelConfig
+from jetspec_jax.kernels import cpu_matmul
 from jetspec_jax.kernels.cpu_matmul import dot_general, matmul
 from jetspec_jax.layers import DecoderLayer, RMSNorm, rope_tables
+
+
+LM_HEAD_T = "lm_head_t"  # optional target param: the tied embedding transposed, (d, V)
 
 
 class Transformer(nn.Module):
@@ -43,9 +47,14 @@ class Transformer(nn.Module):
             # h . E^T contracted against E's own last axis: no transposed copy of E. (`attend`
             # writes `h @ E.T`, which XLA:CPU lowered to a 113 MB re-layout of the embedding
             # every decoding step for SmolLM2.)
-            # On CPU a few rows go through the small-row kernel (kernels/cpu_matmul), like the layers.
-            table = self.embed_tokens.embedding
-            out = matmul(h.astype(table.dtype), table, "nk")
+            # On CPU a few rows go through the small-row kernel (kernels/cpu_matmul), like the layers;
+            # with the transposed copy `with_lm_head_copy` adds, in the faster (K, N) layout.
+            if self.has_variable("params", LM_HEAD_T):
+                table = self.get_variable("params", LM_HEAD_T)
+                out = matmul(h.astype(table.dtype), table, "kn")
+            else:
+                table = self.embed_tokens.embedding
+                out = matmul(h.astype(table.dtype), table, "nk")
         else:
             out = self.lm_head(h)
         return out.astype(jnp.float32)
@@ -78,6 +87,21 @@ def output_rows(config: ModelConfig, params, ids) -> jax.Array:
     if config.tie_embeddings:
         return jnp.take(params["embed"]["embedding"], ids, axis=0)
     return jnp.take(params["lm_head"]["kernel"], ids, axis=1).T
+
+
+def with_lm_head_copy(config: ModelConfig, params):
+    """Target params plus `lm_head_t`, the tied embedding transposed to (d, V), when the CPU
+    small-row kernel computes the logits: it streams a (K, N) table ~1.5x faster than the (N, K)
+    embedding (scripts/profile_round.py), for one extra copy of the table in memory. Build it once
+    per loaded model (as `Runner` and the benchmark do): inside a jitted call the transpose would
+    be paid on every call. Unchanged params (same object) when there is nothing to gain: untied
+    head, not float32, kernel inactive (GPU, several devices), or the copy exists."""
+    if not config.tie_embeddings or LM_HEAD_T in params:
+        return params
+    table = params["embed"]["embedding"]
+    if not (cpu_matmul.active(table.dtype) and cpu_matmul.fits(1, table.shape[1], table.shape[0], "kn")):
+        return params
+    return {**params, LM_HEAD_T: jax.jit(jnp.transpose)(table)}
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int) -> KVCache:

@@ -206,3 +206,31 @@ def test_without_avx512_the_kernel_splits_rows_into_smaller_register_sets(tmp_pa
                          env=dict(os.environ, JETSPEC_CACHE=str(tmp_path)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ok"]
+
+
+def test_lm_head_copy_serves_the_same_logits_in_the_kernel_s_faster_layout(tiny_hf_models):
+    """`with_lm_head_copy` adds the tied embedding transposed for the "kn" kernel (Runner builds it
+    once): the logits stay those of the embedding (float32 rounding apart), untied heads get none."""
+    from jetspec_jax.loading import load_model
+    from jetspec_jax.model import LM_HEAD_T, Transformer, with_lm_head_copy
+    from jetspec_jax.runner import Runner
+    from jetspec_jax.step import DecodeConfig
+
+    model = load_model(tiny_hf_models["llama"])  # tied embeddings
+    cfg = model.config
+    params = with_lm_head_copy(cfg, model.params)
+    table = model.params["embed"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(params[LM_HEAD_T]), np.asarray(table).T)
+    assert with_lm_head_copy(cfg, params) is params  # built once
+
+    def logits(p, h):
+        return Transformer(cfg).apply({"params": p}, h, method=Transformer.logits)
+
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, cfg.hidden_size)), jnp.float32)
+    text = jax.jit(logits).lower(params, h).as_text()
+    assert "jetspec_matmul_kn" in text and "jetspec_matmul_nk" not in text
+    np.testing.assert_allclose(np.asarray(logits(params, h)), np.asarray(logits(model.params, h)), rtol=1e-5, atol=1e-5)
+    assert LM_HEAD_T in Runner({"target": model.params}, DecodeConfig(target=cfg)).params["target"]
+    untied = load_model(tiny_hf_models["qwen3"])
+    assert not untied.config.tie_embeddings
+    assert with_lm_head_copy(untied.config, untied.params) is untied.params
