@@ -5,12 +5,13 @@
 The bench's instrumented split (`jetspec_jax.bench`) jits each stage separately and pays a
 dispatch and a copy of the state per stage; here every measurement is a `fori_loop` of `--iters`
 repetitions of one stage inside one program (the carry threads through each repetition so nothing
-is hoisted), on a real state: the default model and head after prefilling a MATH-500 prompt and
+is hoisted), on a real state: the default model and head after prefilling a MATH-style prompt and
 decoding a few rounds. Stages: the target forward over 1..N rows (with and without the LM head),
 the head's draft, the tree build, accept+commit, the fused AR step and the fused speculative
 round, and those two again with the LM head read from the tied embedding (no transposed copy,
-`model.with_lm_head_copy`) and with XLA's attention instead of the CPU kernel. Times are the median of `--samples` runs of the loop, per repetition, in ms; ratios are
-against the AR step of the same run.
+`model.with_lm_head_copy`) and with XLA's attention instead of the CPU kernel. Times are the median
+of `--samples` runs of the loop, per repetition, in ms; ratios are against the AR step of the same
+run.
 """
 
 from __future__ import annotations
@@ -99,32 +100,33 @@ def main():
 
     cases = {}
 
-    def report(name, fn, *a, prm=None):
+    def add_case(name, fn, *a, prm=None):
         cases[name] = (fn, (params if prm is None else prm, *a))
+
+    def rewind(s):
+        """The state after a round, moved back to where `state` stood (same context every repetition)."""
+        head_cache = None if s.head_cache is None else s.head_cache.replace(lengths=state.head_cache.lengths)
+        return s.replace(target_cache=s.target_cache.replace(lengths=state.target_cache.lengths),
+                         head_cache=head_cache, num_new=state.num_new, done=state.done, rounds=state.rounds)
 
     ar_state = state.replace(head_cache=None)
 
     def ar_body(prm, s, cfg=ar_config):
-        s, _ = speculative_step({"target": prm["target"]}, s, cfg)
-        return (s.replace(target_cache=s.target_cache.replace(lengths=state.target_cache.lengths),
-                          num_new=state.num_new, done=state.done, rounds=state.rounds),)
+        return (rewind(speculative_step({"target": prm["target"]}, s, cfg)[0]),)
 
     def spec_body(prm, s, cfg=config):
-        s, _ = speculative_step(prm, s, cfg)
-        return (s.replace(target_cache=s.target_cache.replace(lengths=state.target_cache.lengths),
-                          head_cache=s.head_cache.replace(lengths=state.head_cache.lengths),
-                          num_new=state.num_new, done=state.done, rounds=state.rounds),)
+        return (rewind(speculative_step(prm, s, cfg)[0]),)
 
     # The same rounds with XLA's attention instead of the CPU kernel (kernels/tree_attn/cpu.py).
     xla_config = DecodeConfig(config.target.replace(attention_impl="xla"),
                               config.head.replace(attention_impl="xla"), config.tree)
     xla_ar = functools.partial(ar_body, cfg=DecodeConfig(config.target.replace(attention_impl="xla")))
-    report("AR step (fused)", loop(ar_body), ar_state)
-    report(f"round N={args.budget} lookup={args.lookup}", loop(spec_body), state)
-    report("AR step, LM head from the embedding", loop(ar_body), ar_state, prm=params_nk)
-    report("round, LM head from the embedding", loop(spec_body), state, prm=params_nk)
-    report("AR step, XLA attention", loop(xla_ar), ar_state)
-    report("round, XLA attention", loop(functools.partial(spec_body, cfg=xla_config)), state)
+    add_case("AR step (fused)", loop(ar_body), ar_state)
+    add_case(f"round N={args.budget} lookup={args.lookup}", loop(spec_body), state)
+    add_case("AR step, LM head from the embedding", loop(ar_body), ar_state, prm=params_nk)
+    add_case("round, LM head from the embedding", loop(spec_body), state, prm=params_nk)
+    add_case("AR step, XLA attention", loop(xla_ar), ar_state)
+    add_case("round, XLA attention", loop(functools.partial(spec_body, cfg=xla_config)), state)
 
     for n in map(int, args.rows.split(",")):
         for with_logits in (True, False):
@@ -135,12 +137,12 @@ def main():
                     tree.mask, taps=config.taps if n > 1 else (), with_logits=with_logits)
                 x = jnp.sum(jnp.argmax(logits, -1)) if with_logits else 0
                 return cache, acc + x
-            report(f"target N={n}{'' if with_logits else ' no LM head'}", loop(fwd), state.target_cache, jnp.int32(0))
+            add_case(f"target N={n}{'' if with_logits else ' no LM head'}", loop(fwd), state.target_cache, jnp.int32(0))
 
     def draft_body(prm, hc, acc):
         logits, hc = draft_logits(prm, state.root, hc, config)
         return hc, acc + jnp.argmax(logits[:, 0, :], -1)[0]
-    report("draft (head forward + logits)", loop(draft_body), state.head_cache, jnp.int32(0))
+    add_case("draft (head forward + logits)", loop(draft_body), state.head_cache, jnp.int32(0))
 
     logits, _ = draft_logits(params, state.root, state.head_cache, config)
 
@@ -148,18 +150,14 @@ def main():
         tree = tree_from_logits(prm, s, lg, config)
         acc = acc + jnp.sum(tree.tokens)
         return s, lg + (acc % 2).astype(lg.dtype) * 1e-30, acc  # a carried change: nothing is hoisted
-    report("tree build", loop(tree_body), state, logits, jnp.zeros((1,), jnp.int32))
+    add_case("tree build", loop(tree_body), state, logits, jnp.zeros((1,), jnp.int32))
 
     tree = tree_from_logits(params, state, logits, config)
     vlogits, features, vcache = verify(params, state.target_cache, tree, config)
 
     def commit_body(prm, s, tree, vlogits, features):
-        s2, _ = commit(prm, s, tree, vlogits, features, config)
-        s2 = s2.replace(target_cache=s2.target_cache.replace(lengths=state.target_cache.lengths),
-                        head_cache=s2.head_cache.replace(lengths=state.head_cache.lengths),
-                        num_new=state.num_new, done=state.done, rounds=state.rounds)
-        return s2, tree, vlogits, features
-    report("accept + commit", loop(commit_body), state.replace(target_cache=vcache), tree, vlogits, features)
+        return rewind(commit(prm, s, tree, vlogits, features, config)[0]), tree, vlogits, features
+    add_case("accept + commit", loop(commit_body), state.replace(target_cache=vcache), tree, vlogits, features)
 
     results = {k: v / iters * 1e3 for k, v in timed_round_robin(cases, args.samples).items()}
     ar = results["AR step (fused)"]

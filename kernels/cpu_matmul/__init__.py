@@ -16,7 +16,7 @@ It is used where it pays and is correct to use: float32, at most `MAX_ROWS` rows
 kernel tiles, on CPU (`lax.platform_dependent`: GPU lowerings get XLA's dot) with one device (a
 partitioner cannot split a custom call, so sharded programs keep XLA's dot). Anything else, and
 gradients (a custom VJP), use XLA's dot. The compiled machine code is kept under
-`$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py, the tiling, the CPU and llvmlite), so only the first
+`$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py and attention.py, the tiling, the CPU and llvmlite), so only the first
 process on a machine pays LLVM's 1-2 seconds. Each output is one float32 sum over k whose order
 does not depend on the row count, so a tree's rows get the same bits as one-row decoding.
 `enabled()` says whether it can run here (llvmlite importable, x86-64 or aarch64 Linux/macOS);

@@ -23,8 +23,9 @@ def tree_attention(q, k, v, lengths, tree_mask, *, implementation: str = "auto",
     lengths (B,) int32; tree_mask (B, N, N) bool (ancestor-or-self) -> (B, N, Hq, D).
 
     implementation: "pallas", "xla", or "auto": the Pallas kernel in programs lowered for CUDA,
-    the CPU kernel (`kernels/tree_attn/cpu.py`) where it fits on CPU, XLA elsewhere, decided per lowering platform (`lax.platform_dependent`), so a program lowered
-    for CUDA on a CPU machine holds the kernel. "pallas" falls back to XLA only for inputs the
+    the CPU kernel (`kernels/tree_attn/cpu.py`) where it fits on CPU, XLA elsewhere, decided per
+    lowering platform (`lax.platform_dependent`), so a program lowered for CUDA on a CPU machine
+    holds the kernel. "pallas" falls back to XLA only for inputs the
     kernel does not cover (it raises NotImplementedError, e.g. head_dim 80); every other error
     propagates. XLA on CUDA is the branch-free variant. `interpret` runs the Pallas kernel on CPU
     (tests).
