@@ -173,7 +173,7 @@ def run(argv=None, prompt_sets=None) -> int:
     from jetspec_jax.benchmark.peers import load_peers
     from jetspec_jax.benchmark.sweep import Sweep
     from jetspec_jax.loading import load_model, resolve_model
-    from jetspec_jax.model import with_lm_head_copy
+    from jetspec_jax.step import prepare_params
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -185,8 +185,9 @@ def run(argv=None, prompt_sets=None) -> int:
     head_dir, head = load_head(args, model, notes)
     configs = sweep_configs(args, model.config, head[0] if head else None)
     sets = load_sets(args, model.tokenizer, prompt_sets)
-    target = with_lm_head_copy(model.config, model.params)  # as Runner does: the CPU kernel's LM-head layout
-    params = {"target": target} | ({"head": head[1]} if head else {})
+    params = {"target": model.params} | ({"head": head[1]} if head else {})
+    # As Runner does: the CPU kernel's layouts, once (every config shares the target and the head)
+    params = prepare_params(params, next((c for c in configs if c.head is not None), configs[0]))
     peers = load_peers(args.peers, resolve_model(args.model), head_dir, notes,
                        torch_threads=args.torch_threads)
     for n in notes:

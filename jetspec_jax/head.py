@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from jetspec_jax.cache import KVCache, write_rows
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
-from jetspec_jax.kernels.cpu_matmul import dot_general
-from jetspec_jax.layers import DecoderLayer, RMSNorm, rope_tables
+from jetspec_jax.layers import DecoderLayer, Linear, RMSNorm, rope_tables
 
 
 def default_target_layer_ids(num_target_layers: int, num_head_layers: int) -> tuple[int, ...]:
@@ -115,8 +114,7 @@ class DraftHead(nn.Module):
     def setup(self):
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        self.fc = nn.Dense(c.hidden_size, use_bias=False, dtype=dtype, param_dtype=dtype, dot_general=dot_general,
-                           name="fc")
+        self.fc = Linear(c.hidden_size, dtype=dtype, name="fc")
         self.hidden_norm = RMSNorm(c.rms_norm_eps, dtype, name="hidden_norm")
         self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, dtype, name="norm")

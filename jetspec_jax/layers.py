@@ -2,14 +2,70 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jetspec_jax.cache import write_rows
-from jetspec_jax.kernels import tree_attention
-from jetspec_jax.kernels.cpu_matmul import dot_general
+from jetspec_jax.kernels import cpu_matmul, tree_attention
 from jetspec_jax.moe import SparseMoE
+
+PACKED = "kernel_packed"  # a Linear's weight in the CPU kernel's packed layout, in place of "kernel"
+PACKABLE = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "fc", "lm_head")  # Linear modules' names
+
+
+class Linear(nn.Module):
+    """x (..., K) -> (..., *features): Flax's Dense / DenseGeneral over the last axis (same params,
+    `kernel` (K, *features) and `bias`, same initialisation), its product through
+    `kernels.cpu_matmul`: on CPU a few rows stream the weight once (decoding, a tree's
+    verification); elsewhere XLA's dot.
+
+    When the params hold `kernel_packed` instead (`pack_linears`, once per loaded model for CPU
+    decoding), the product reads that layout, which the CPU kernel streams fastest.
+    """
+
+    features: int | tuple[int, ...]
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        k, n = x.shape[-1], math.prod(features)
+        x = x.astype(self.dtype)
+        if self.has_variable("params", PACKED):
+            y = cpu_matmul.matmul(x, self.get_variable("params", PACKED), "packed")
+        else:
+            init = nn.initializers.lecun_normal()  # on the (K, N) matrix, as DenseGeneral does
+            kernel = self.param("kernel", lambda key, shape, dtype: init(key, (k, n), dtype).reshape(shape),
+                                (k, *features), self.dtype)
+            y = cpu_matmul.matmul(x, kernel.reshape(k, n))
+        y = y.reshape(*x.shape[:-1], *features)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, features, self.dtype)
+        return y
+
+
+def pack_linears(params):
+    """params with every `Linear` named in PACKABLE holding `kernel_packed` (the CPU kernel's
+    packed layout) instead of `kernel`, where the CPU kernel is active for it (float32, CPU, one
+    device) and the layout tiles it; the rest unchanged. Outputs are the same (the packed product
+    sums in the same order; the layout is only faster to read: scripts/profile_round.py). Build it
+    once per loaded model, outside any jitted step, and only for running: training and saving read
+    `kernel`."""
+    def walk(tree, name=None):
+        if not isinstance(tree, dict):
+            return tree
+        if name in PACKABLE and "kernel" in tree:
+            kernel = tree["kernel"]
+            k, n = kernel.shape[0], math.prod(kernel.shape[1:])
+            if cpu_matmul.packable(k, n) and cpu_matmul.active(kernel.dtype):
+                rest = {key: value for key, value in tree.items() if key != "kernel"}
+                return {**rest, PACKED: jax.jit(cpu_matmul.pack)(kernel.reshape(k, n))}
+        return {key: walk(value, key) for key, value in tree.items()}
+    return walk(params)
 
 
 class RMSNorm(nn.Module):
@@ -54,21 +110,16 @@ def attention_implementation(name: str):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one kernel (layout.py).
-
-    Every product of the layers goes through `kernels.cpu_matmul.dot_general`: on CPU, a few rows
-    (decoding, a tree's verification) stream the weights once; anything else is XLA's dot."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one kernel (layout.py)."""
 
     intermediate_size: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        gate_up = nn.DenseGeneral((2, self.intermediate_size), use_bias=False, dtype=self.dtype,
-                                  param_dtype=self.dtype, dot_general=dot_general, name="gate_up_proj")(x)  # (..., 2, F)
+        gate_up = Linear((2, self.intermediate_size), dtype=self.dtype, name="gate_up_proj")(x)  # (..., 2, F)
         h = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        return nn.Dense(x.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
-                        dot_general=dot_general, name="down_proj")(h)
+        return Linear(x.shape[-1], dtype=self.dtype, name="down_proj")(h)
 
 
 class Attention(nn.Module):
@@ -92,11 +143,9 @@ class Attention(nn.Module):
     def setup(self):
         group = self.num_heads // self.num_kv_heads
         # One kernel for q, k and v: per KV head, its query heads, then its key and value (layout.py).
-        self.qkv_proj = nn.DenseGeneral((self.num_kv_heads, group + 2, self.head_dim), use_bias=self.qkv_bias,
-                                        dtype=self.dtype, param_dtype=self.dtype, dot_general=dot_general,
-                                        name="qkv_proj")
-        self.o_proj = nn.Dense(self.hidden_size, use_bias=self.o_bias, dtype=self.dtype, param_dtype=self.dtype,
-                               dot_general=dot_general, name="o_proj")
+        self.qkv_proj = Linear((self.num_kv_heads, group + 2, self.head_dim), use_bias=self.qkv_bias,
+                               dtype=self.dtype, name="qkv_proj")
+        self.o_proj = Linear(self.hidden_size, use_bias=self.o_bias, dtype=self.dtype, name="o_proj")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="q_norm")
             self.k_norm = RMSNorm(self.rms_norm_eps, self.dtype, name="k_norm")

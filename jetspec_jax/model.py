@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from jetspec_jax.cache import KVCache
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.kernels import cpu_matmul
-from jetspec_jax.kernels.cpu_matmul import dot_general, matmul
-from jetspec_jax.layers import DecoderLayer, RMSNorm, rope_tables
+from jetspec_jax.kernels.cpu_matmul import matmul
+from jetspec_jax.layers import PACKED, DecoderLayer, Linear, RMSNorm, pack_linears, rope_tables
 
 
-LM_HEAD_T = "lm_head_t"  # optional target param: the tied embedding transposed, (d, V)
+LM_HEAD_PACKED = "lm_head_packed"  # optional target param: the tied embedding as a packed (d, V) weight
 
 
 class Transformer(nn.Module):
@@ -34,8 +34,7 @@ class Transformer(nn.Module):
         self.layers = [DecoderLayer(c, c.is_sparse_layer(i), name=f"layers_{i}") for i in range(c.num_layers)]
         self.final_norm = RMSNorm(c.rms_norm_eps, dtype, name="final_norm")
         if not c.tie_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=dtype,
-                                    dot_general=dot_general, name="lm_head")
+            self.lm_head = Linear(c.vocab_size, dtype=dtype, name="lm_head")
 
     def embed(self, tokens):
         """tokens (B, T) int32 -> (B, T, d)."""
@@ -48,10 +47,10 @@ class Transformer(nn.Module):
             # writes `h @ E.T`, which XLA:CPU lowered to a 113 MB re-layout of the embedding
             # every decoding step for SmolLM2.)
             # On CPU a few rows go through the small-row kernel (kernels/cpu_matmul), like the layers;
-            # with the transposed copy `with_lm_head_copy` adds, in the faster (K, N) layout.
-            if self.has_variable("params", LM_HEAD_T):
-                table = self.get_variable("params", LM_HEAD_T)
-                out = matmul(h.astype(table.dtype), table, "kn")
+            # with the packed copy `for_cpu_decoding` adds, in the layout it reads fastest.
+            if self.has_variable("params", LM_HEAD_PACKED):
+                table = self.get_variable("params", LM_HEAD_PACKED)
+                out = matmul(h.astype(table.dtype), table, "packed")
             else:
                 table = self.embed_tokens.embedding
                 out = matmul(h.astype(table.dtype), table, "nk")
@@ -86,23 +85,26 @@ def output_rows(config: ModelConfig, params, ids) -> jax.Array:
     of those ids (the draft vocabulary of a reduced-vocabulary head)."""
     if config.tie_embeddings:
         return jnp.take(params["embed"]["embedding"], ids, axis=0)
-    return jnp.take(params["lm_head"]["kernel"], ids, axis=1).T
+    head = params["lm_head"]
+    kernel = head["kernel"] if "kernel" in head else cpu_matmul.unpack(head[PACKED])
+    return jnp.take(kernel, ids, axis=1).T
 
 
-def with_lm_head_copy(config: ModelConfig, params):
-    """Target params plus `lm_head_t`, the tied embedding transposed to (d, V), when the CPU
-    small-row kernel computes the logits: it streams a (K, N) table faster than the (N, K)
-    embedding (scripts/profile_round.py on our development machine: an AR step 22.8 against 23.2 ms,
-    a 4-node round 29.5 against 31.3 ms), for one extra copy of the table in memory. Build it once
-    per loaded model (as `Runner` and the benchmark do): inside a jitted call the transpose would
-    be paid on every call. Unchanged params (same object) when there is nothing to gain: untied
-    head, not float32, kernel inactive (GPU, several devices), or the copy exists."""
-    if not config.tie_embeddings or LM_HEAD_T in params:
-        return params
+def for_cpu_decoding(config: ModelConfig, params):
+    """Target params in the layouts the CPU kernel reads fastest, when it runs here (float32, CPU
+    backend, one device): every layer's products packed (`layers.pack_linears`) and, for a tied
+    LM head, `lm_head_packed`, the embedding transposed and packed, for one extra copy of the table
+    (+113 MB for SmolLM2). Outputs are unchanged; the speed is measured by scripts/profile_round.py.
+    Build it once per loaded model (as `Runner` and the benchmark do): inside a jitted call the
+    re-layout would be paid on every call. The same params (same object) when the kernel is
+    inactive (GPU, several devices, not float32)."""
     table = params["embed"]["embedding"]
-    if not (cpu_matmul.active(table.dtype) and cpu_matmul.fits(1, table.shape[1], table.shape[0], "kn")):
+    if not cpu_matmul.active(table.dtype):
         return params
-    return {**params, LM_HEAD_T: jax.jit(jnp.transpose)(table)}
+    params = pack_linears(params)
+    if config.tie_embeddings and LM_HEAD_PACKED not in params and cpu_matmul.packable(*table.shape[::-1]):
+        params = {**params, LM_HEAD_PACKED: jax.jit(lambda e: cpu_matmul.pack(e.T))(table)}
+    return params
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int) -> KVCache:

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jetspec_jax.decode import compile_programs, prefill_inputs, results
-from jetspec_jax.model import with_lm_head_copy
 from jetspec_jax.sharding import as_mesh, place_rows, shard_params, to_host
-from jetspec_jax.step import DecodeConfig
+from jetspec_jax.step import DecodeConfig, prepare_params
 
 CHUNK_ROUNDS = 8
 
@@ -70,8 +69,8 @@ class Runner:
         self.mesh = as_mesh(mesh)
         if self.mesh is not None:
             params = shard_params(params, config, self.mesh)
-        else:  # the LM head's faster layout for the CPU kernel, built once here rather than per call
-            params = {**params, "target": with_lm_head_copy(config.target, params["target"])}
+        else:  # the CPU kernel's layouts, built once here rather than per call
+            params = prepare_params(params, config)
         self.params, self.config, self.tokenizer = params, config, tokenizer
         self.chunk_rounds = chunk_rounds
         self._programs = {}  # PrefillInputs.program_key -> decode.Programs

@@ -19,9 +19,10 @@ from jetspec_jax.accept import accept
 from jetspec_jax.cache import KVCache, commit_rows
 from jetspec_jax.config import ModelConfig
 from jetspec_jax.head import DraftHead, HeadConfig
-from jetspec_jax.kernels.cpu_matmul import matmul
+from jetspec_jax.kernels import cpu_matmul
+from jetspec_jax.layers import pack_linears
 from jetspec_jax.lookup import lookup_continuations
-from jetspec_jax.model import Transformer, output_rows
+from jetspec_jax.model import Transformer, for_cpu_decoding, output_rows
 from jetspec_jax.sampling import sample_tokens
 from jetspec_jax.tree import Tree, TreeConfig, build_tree
 
@@ -146,24 +147,41 @@ def draft_logits(params, root, head_cache: KVCache, config: DecodeConfig):
         logits = target.apply({"params": params["target"]}, rows, method=Transformer.logits)
     else:  # logits over the K draft ids only (draft id i is target id d2t[i])
         table = draft_table(params, config)
-        logits = matmul(rows.astype(table.dtype), table, "nk").astype(jnp.float32)
+        layout = "packed" if table.ndim == 3 else "nk"
+        logits = cpu_matmul.matmul(rows.astype(table.dtype), table, layout).astype(jnp.float32)
     return logits, head_cache
 
 
 def draft_table(params, config: DecodeConfig):
-    """(K, d) LM-head rows of a reduced-vocabulary head's draft ids: `params["draft_table"]` when
-    the caller built it once (`with_draft_table`, as `decode` does outside its loop), else
-    gathered here."""
+    """The LM-head rows of a reduced-vocabulary head's draft ids: `params["draft_table"]` when the
+    caller built it once (`with_draft_table`, as `decode` does outside its loop; (K, d), or packed
+    (K / PACK, d, PACK) where the CPU kernel runs), else gathered here as (K, d)."""
     if "draft_table" in params:
         return params["draft_table"]
     return output_rows(config.target, params["target"], params["head"]["d2t"])
 
 
 def with_draft_table(params, config: DecodeConfig):
-    """params plus "draft_table" when the head drafts over a reduced vocabulary (else unchanged)."""
+    """params plus "draft_table" when the head drafts over a reduced vocabulary (else unchanged),
+    packed for the CPU kernel where it runs."""
     if config.head is None or config.head.draft_vocab_size is None or "draft_table" in params:
         return params
-    return {**params, "draft_table": draft_table(params, config)}
+    table = draft_table(params, config)
+    if cpu_matmul.active(table.dtype) and cpu_matmul.packable(table.shape[1], table.shape[0]):
+        table = cpu_matmul.pack(table.T)
+    return {**params, "draft_table": table}
+
+
+def prepare_params(params, config: DecodeConfig):
+    """Decoding params laid out for this machine, built once per loaded model (`Runner` and the
+    benchmark do; `decode` works on either form, with the same outputs): on CPU, the target's and
+    the head's products in the CPU kernel's packed layout (`model.for_cpu_decoding`,
+    `layers.pack_linears`) and the draft table gathered and packed; elsewhere unchanged. Not for
+    sharded params (a partitioner cannot split the kernel's call)."""
+    out = {**params, "target": for_cpu_decoding(config.target, params["target"])}
+    if params.get("head") is not None:
+        out["head"] = pack_linears(params["head"])
+    return with_draft_table(out, config)
 
 
 def draft_tree(params, state: DecodeState, config: DecodeConfig):

@@ -4,11 +4,12 @@
 
 A stack of the feed-forward products of SmolLM2-135M's 30 layers (gate_up 576x3072, down
 1536x576, float32: 318 MB of weights, the bulk of a decoding step), jitted in a loop of 16 steps,
-for M rows at once (M = 1: an AR step; M = N: verifying a tree of N nodes), in two forms measured
-in the same run, alternating: XLA's dot (`JETSPEC_CPU_MATMUL=0` in the library) and the kernel.
-Prints ms per step, the weight bandwidth it implies and each time relative to XLA's one-row step
-(the AR step's products), best of --reps. A tree round pays that relative cost before it accepts
-any token.
+for M rows at once (M = 1: an AR step; M = N: verifying a tree of N nodes; more: a prefill chunk),
+in three forms measured in the same run, alternating: XLA's dot (`JETSPEC_CPU_MATMUL=0` in the
+library), the kernel on the (K, N) weights as loaded ("kn", up to MAX_ROWS rows, XLA beyond) and
+on the packed weights (`cpu_matmul.pack`, what `step.prepare_params` gives decoding). Prints ms per
+step, the weight bandwidth it implies and each time relative to XLA's one-row step (the AR step's
+products), best of --reps. A tree round pays that relative cost before it accepts any token.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def stepper(product):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default="1,2,3,4,5,8,9,12,13,16,17")
+    p.add_argument("--rows", default="1,2,3,4,5,8,9,12,13,16,17,64,128")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--ffn", type=int, default=1536)
@@ -52,7 +53,10 @@ def main(argv=None) -> int:
     r = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.02)  # noqa: E731
     ws = [(r(a.hidden, 2 * a.ffn), r(a.ffn, a.hidden)) for _ in range(a.layers)]
     mbytes = sum(x.size for pair in ws for x in pair) * 4 / 1e6
-    forms = {"xla": stepper(lambda x, w: x @ w), "kernel": stepper(cpu_matmul.matmul)}
+    packed = [tuple(cpu_matmul.pack(w) for w in pair) for pair in ws]
+    packed_step = stepper(lambda x, w: cpu_matmul.matmul(x, w, "packed"))
+    forms = {"xla": stepper(lambda x, w: x @ w), "kn": stepper(cpu_matmul.matmul),
+             "packed": lambda _, x: packed_step(packed, x)}
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores, load {info['load_avg']}; {a.layers} layers, {mbytes:.0f} MB of weights; "
           f"the kernel takes up to {cpu_matmul.MAX_ROWS} rows (more fall back to XLA)")
@@ -69,14 +73,15 @@ def main(argv=None) -> int:
                 ms = (time.perf_counter() - t0) / 16 * 1e3
                 best[name, m] = min(best.get((name, m), float("inf")), ms)
     base = best["xla", rows[0]] if rows[0] == 1 else None
-    print(f"{'rows':>4}  {'xla ms':>7} {'GB/s':>5} {'x AR':>5}  {'kernel ms':>9} {'GB/s':>5} {'x AR':>5}  kernel/xla")
+    print(f"{'rows':>4}" + "".join(f"  {name + ' ms':>9} {'GB/s':>5} {'x AR':>5}" for name in forms)
+          + "  kn/xla  packed/xla")
     for m in rows:
         cells = []
         for name in forms:
             ms = best[name, m]
             rel = f"{ms / base:5.2f}" if base else "    -"
-            cells.append(f"{ms:7.2f} {mbytes / ms:5.1f} {rel}")
-        print(f"{m:4d}  {cells[0]}  {cells[1]:>21}  {best['kernel', m] / best['xla', m]:6.2f}")
+            cells.append(f"  {ms:9.2f} {mbytes / ms:5.1f} {rel}")
+        print(f"{m:4d}" + "".join(cells) + f"  {best['kn', m] / best['xla', m]:6.2f}  {best['packed', m] / best['xla', m]:10.2f}")
     return 0
 
 

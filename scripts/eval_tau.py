@@ -28,8 +28,10 @@ from jetspec_jax.benchmark.sources import prompt_sets_from_names
 from jetspec_jax.decode import generate
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import check_head_fits
+from jetspec_jax.layers import pack_linears
 from jetspec_jax.loading import load_model
 from jetspec_jax.loading.head_io import load_head_dir
+from jetspec_jax.model import for_cpu_decoding
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig
 
@@ -66,10 +68,12 @@ def evaluate(argv=None) -> int:
         name, _, path = spec.partition("=")
         if not path:
             raise UserError(f"--head wants NAME=DIR, got {spec!r}")
-        loaded = load_head_dir(path)
+        head_cfg, head_params = load_head_dir(path)
+        loaded = head_cfg, pack_linears(head_params)  # the CPU kernel's layout, as Runner decodes (same outputs)
         for lookup in [int(x) for x in args.lookup.split(",")]:
             heads[name if lookup == 0 else f"{name}+lookup{lookup}"] = (*loaded, lookup)
     model = load_model(args.model)
+    target = for_cpu_decoding(model.config, model.params)
     for cfg, _, _ in heads.values():
         check_head_fits(cfg, model.config)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -78,11 +82,11 @@ def evaluate(argv=None) -> int:
     bar = tqdm(total=len(sets) * (1 + len(heads) * len(budgets)), desc="tau", file=sys.stderr)
     for set_name, prompts in sets.items():
         ids = [p.ids for p in prompts]
-        ar = generate({"target": model.params}, ids, DecodeConfig(target=model.config),
+        ar = generate({"target": target}, ids, DecodeConfig(target=model.config),
                       max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
         bar.update()
         for head_name, (cfg, head_params, lookup) in heads.items():
-            params = {"target": model.params, "head": head_params}
+            params = {"target": target, "head": head_params}
             for budget in budgets:
                 config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width, lookup))
                 t0 = time.perf_counter()

@@ -8,8 +8,9 @@ repetitions of one stage inside one program (the carry threads through each repe
 is hoisted), on a real state: the default model and head after prefilling a MATH-style prompt and
 decoding a few rounds. Stages: the target forward over 1..N rows (with and without the LM head),
 the head's draft, the tree build, accept+commit, the fused AR step and the fused speculative
-round, and those two again with the LM head read from the tied embedding (no transposed copy,
-`model.with_lm_head_copy`) and with XLA's attention instead of the CPU kernel. Times are the median
+round, and those two again with the weights as loaded (no packed layouts, `step.prepare_params`:
+the layers' (K, N) kernels, the LM head from the tied embedding) and with XLA's attention instead
+of the CPU kernel. Times are the median
 of `--samples` runs of the loop, per repetition, in ms; ratios are against the AR step of the same
 run.
 """
@@ -30,9 +31,9 @@ from jetspec_jax.head import check_head_fits
 from jetspec_jax.loading import load_model
 from jetspec_jax.loading.head_io import load_head_dir
 from jetspec_jax.cli import default_head_path
-from jetspec_jax.model import Transformer, with_lm_head_copy
-from jetspec_jax.step import (DecodeConfig, commit, draft_logits, speculative_step, tree_from_logits, verify,
-                              with_draft_table)
+from jetspec_jax.model import Transformer
+from jetspec_jax.step import (DecodeConfig, commit, draft_logits, draft_table, prepare_params, speculative_step,
+                              tree_from_logits, verify)
 from jetspec_jax.tree import Tree, TreeConfig
 
 PROMPT = ("Solve the problem step by step. Problem: Find the number of ordered pairs of positive integers "
@@ -84,8 +85,10 @@ def main():
     tree_cfg = TreeConfig(args.budget, args.width, depth, lookup=args.lookup)
     config = DecodeConfig(model.config, head_cfg, tree_cfg)
     ar_config = DecodeConfig(model.config)
-    params = with_draft_table({"target": with_lm_head_copy(model.config, model.params), "head": head_params}, config)
-    params_nk = with_draft_table({"target": model.params, "head": head_params}, config)  # logits from the embedding
+    loaded = {"target": model.params, "head": head_params}
+    params = prepare_params(loaded, config)  # as Runner does
+    if head_cfg.draft_vocab_size is not None:  # the weights as loaded, the draft table unpacked too
+        loaded["draft_table"] = draft_table(loaded, config)
     prompt = model.tokenizer.encode(PROMPT)
     state = start(params, [prompt], config, max_new_tokens=args.max_new_tokens)
     state = decode(params, state, jnp.int32(args.warm_rounds), config=config)
@@ -123,8 +126,8 @@ def main():
     xla_ar = functools.partial(ar_body, cfg=DecodeConfig(config.target.replace(attention_impl="xla")))
     add_case("AR step (fused)", loop(ar_body), ar_state)
     add_case(f"round N={args.budget} lookup={args.lookup}", loop(spec_body), state)
-    add_case("AR step, LM head from the embedding", loop(ar_body), ar_state, prm=params_nk)
-    add_case("round, LM head from the embedding", loop(spec_body), state, prm=params_nk)
+    add_case("AR step, weights as loaded", loop(ar_body), ar_state, prm=loaded)
+    add_case("round, weights as loaded", loop(spec_body), state, prm=loaded)
     add_case("AR step, XLA attention", loop(xla_ar), ar_state)
     add_case("round, XLA attention", loop(functools.partial(spec_body, cfg=xla_config)), state)
 

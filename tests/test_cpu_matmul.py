@@ -185,11 +185,11 @@ import jax, numpy as np
 from jetspec_jax.kernels import cpu_matmul as c
 assert c.enabled()
 rng = np.random.default_rng(1)
-for k, n in [(64, 48), (576, 960)]:
+for k, n in [(64, 64), (576, 960)]:
     x = rng.standard_normal((c.MAX_ROWS, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     want = x.astype(np.float64) @ w
-    for layout, w_in in (("kn", w), ("nk", np.ascontiguousarray(w.T))):
+    for layout, w_in in (("kn", w), ("nk", np.ascontiguousarray(w.T)), ("packed", c.pack(w))):
         fn = jax.jit(lambda a, b: c.matmul(a, b, layout))
         one = np.stack([np.asarray(fn(x[i:i + 1], w_in))[0] for i in range(c.MAX_ROWS)])
         np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4 * np.sqrt(k))
@@ -201,36 +201,102 @@ print("ok")
 
 def test_without_avx512_the_kernel_splits_rows_into_smaller_register_sets(tmp_path):
     """The code a CPU without AVX-512 gets (fewer rows per register set, so 7-10 rows take two
-    sets sharing each tile of W), compiled here with AVX-512 switched off."""
+    sets sharing each tile of W; the packed layout takes 2 rows per set, so 3-10 rows go through
+    its loop over register sets), compiled here with AVX-512 switched off."""
     out = subprocess.run([sys.executable, "-c", NARROW], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, JETSPEC_CACHE=str(tmp_path)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ok"]
 
 
-def test_lm_head_copy_serves_the_same_logits_in_the_kernel_s_faster_layout(tiny_hf_models):
-    """`with_lm_head_copy` adds the tied embedding transposed for the "kn" kernel (Runner builds it
-    once): the logits stay those of the embedding (float32 rounding apart), untied heads get none."""
+# (K, N) packable: one tile (no split between threads), uneven halves, K off every chunk, SmolLM2's.
+PACKED_SHAPES = [(64, 32), (32, 96), (20, 64), (576, 960), (1536, 576)]
+PACKED_ROWS = [1, 2, 3, 4, 5, 8, MAX_ROWS, 12, 13, 25, 40]  # past one register set (12 rows) too
+
+
+@pytest.mark.parametrize("k,n", PACKED_SHAPES)
+def test_packed_layout_any_row_count_same_bits_as_one_row_and_as_kn(k, n):
+    """The packed product against float64 numpy; each row's bits do not depend on how many rows
+    share the call (so a tree of any size verifies with the AR step's bits), and are those of the
+    "kn" kernel on the unpacked weight (packing changes no output)."""
+    x, w = _rng_arrays(max(PACKED_ROWS), k, n, seed=k + n)
+    packed = cpu_matmul.pack(jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(cpu_matmul.unpack(packed)), w)
+    fn = jax.jit(lambda a, b: matmul(a, b, "packed"))
+    one_row = np.stack([np.asarray(fn(x[i : i + 1], packed))[0] for i in range(len(x))])
+    np.testing.assert_allclose(one_row, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-4, atol=1e-4 * np.sqrt(k))
+    for rows in PACKED_ROWS[1:]:
+        assert _uses_kernel(lambda a, b: matmul(a, b, "packed"), x[:rows], packed)
+        np.testing.assert_array_equal(np.asarray(fn(x[:rows], packed)), one_row[:rows])
+    if cpu_matmul.fits(MAX_ROWS, k, n, "kn"):
+        kn = np.asarray(jax.jit(matmul)(x[:MAX_ROWS], w))
+        np.testing.assert_array_equal(kn, one_row[:MAX_ROWS])
+
+
+def test_packed_layout_elsewhere_gradients_and_bad_shapes():
+    """Where the kernel does not run (bfloat16, a CUDA lowering) the packed weight still gives the
+    product (XLA's dot on it); gradients are XLA's, through the packed array; a packed weight of
+    the wrong rank is refused."""
+    x, w = _rng_arrays(4, 64, 96)
+    packed = cpu_matmul.pack(jnp.asarray(w))
+    xb, pb = x.astype(jnp.bfloat16), packed.astype(jnp.bfloat16)
+    assert not _uses_kernel(lambda a, b: matmul(a, b, "packed"), xb, pb)
+    got = jax.jit(lambda a, b: matmul(a, b, "packed"))(xb, pb)
+    np.testing.assert_allclose(np.asarray(got, np.float32), x @ w, rtol=5e-2, atol=0.5)
+    spec = jax.ShapeDtypeStruct
+    text = (jax.jit(lambda a, b: matmul(a, b, "packed")).trace(spec((4, 576), jnp.float32), spec((30, 576, 32), jnp.float32))
+            .lower(lowering_platforms=("cuda",)).as_text())
+    assert "dot_general" in text and not any(name in text for name in TARGETS.values())
+
+    def loss(a, b):
+        return jnp.sum(jnp.sin(matmul(a, b, "packed")))
+    gx, gp = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, packed)
+    wx, ww = jax.grad(lambda a, b: jnp.sum(jnp.sin(a @ b)), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(wx), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(cpu_matmul.unpack(gp)), np.asarray(ww), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="3 axes"):
+        matmul(x, w, "packed")
+    assert cpu_matmul.packable(576, 960) and not cpu_matmul.packable(64, 48) and not cpu_matmul.packable(64, 16)
+
+
+def test_decoding_params_pack_every_product_and_change_no_output(tiny_hf_models):
+    """`model.for_cpu_decoding` (what Runner and the benchmark build once) packs every layer's
+    product and adds the tied embedding as a packed LM head: the lowered decoding step calls only
+    the packed kernel, its hidden states are bit for bit those of the weights as loaded (same sums,
+    another layout) and its logits those of the embedding (float32 rounding apart); an untied
+    head is packed in place and still gives its rows for a draft table; Runner holds the packed
+    form."""
+    from jetspec_jax.layers import PACKED
     from jetspec_jax.loading import load_model
-    from jetspec_jax.model import LM_HEAD_T, Transformer, with_lm_head_copy
+    from jetspec_jax.model import LM_HEAD_PACKED, Transformer, for_cpu_decoding, init_cache, output_rows
     from jetspec_jax.runner import Runner
     from jetspec_jax.step import DecodeConfig
 
-    model = load_model(tiny_hf_models["llama"])  # tied embeddings
-    cfg = model.config
-    params = with_lm_head_copy(cfg, model.params)
-    table = model.params["embed"]["embedding"]
-    np.testing.assert_array_equal(np.asarray(params[LM_HEAD_T]), np.asarray(table).T)
-    assert with_lm_head_copy(cfg, params) is params  # built once
+    for name in ("llama", "qwen3"):  # tied, untied
+        model = load_model(tiny_hf_models[name])
+        cfg = model.config
+        params = for_cpu_decoding(cfg, model.params)
+        mlp = params["layers_0"]["mlp"]["gate_up_proj"]
+        assert PACKED in mlp and "kernel" not in mlp
+        assert (LM_HEAD_PACKED in params) == cfg.tie_embeddings
+        assert (PACKED in params.get("lm_head", {})) == (not cfg.tie_embeddings)
 
-    def logits(p, h):
-        return Transformer(cfg).apply({"params": p}, h, method=Transformer.logits)
+        def forward(p, tokens, with_logits):
+            b, t = tokens.shape
+            pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) + 5
+            mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+            cache = init_cache(cfg, b, 32).replace(lengths=jnp.full((b,), 5, jnp.int32))
+            logits, taps, _ = Transformer(cfg).apply({"params": p}, tokens, pos, cache, mask,
+                                                     taps=(0, cfg.num_layers - 1), with_logits=with_logits)
+            return logits if with_logits else taps
 
-    h = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, cfg.hidden_size)), jnp.float32)
-    text = jax.jit(logits).lower(params, h).as_text()
-    assert "jetspec_matmul_kn" in text and "jetspec_matmul_nk" not in text
-    np.testing.assert_allclose(np.asarray(logits(params, h)), np.asarray(logits(model.params, h)), rtol=1e-5, atol=1e-5)
-    assert LM_HEAD_T in Runner({"target": model.params}, DecodeConfig(target=cfg)).params["target"]
-    untied = load_model(tiny_hf_models["qwen3"])
-    assert not untied.config.tie_embeddings
-    assert with_lm_head_copy(untied.config, untied.params) is untied.params
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 4)), jnp.int32)
+        text = jax.jit(forward, static_argnums=2).lower(params, tokens, True).as_text()
+        assert "jetspec_matmul_packed" in text and "jetspec_matmul_kn" not in text and "jetspec_matmul_nk" not in text
+        np.testing.assert_array_equal(np.asarray(forward(params, tokens, False)), np.asarray(forward(model.params, tokens, False)))
+        np.testing.assert_allclose(np.asarray(forward(params, tokens, True)), np.asarray(forward(model.params, tokens, True)),
+                                   rtol=1e-5, atol=1e-5)
+        ids = jnp.asarray([3, 1, 7], jnp.int32)
+        np.testing.assert_array_equal(np.asarray(output_rows(cfg, params, ids)), np.asarray(output_rows(cfg, model.params, ids)))
+        held = Runner({"target": model.params}, DecodeConfig(target=cfg)).params["target"]
+        assert PACKED in held["layers_0"]["attn"]["o_proj"]

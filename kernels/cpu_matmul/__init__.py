@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_ROWS = 10  # from ~12 rows on, XLA's GEMM is as fast here (scripts/bench_cpu_matmul.py)
-TARGETS = {"kn": "jetspec_matmul_kn", "nk": "jetspec_matmul_nk"}  # FFI target names, by layout
+TARGETS = {"kn": "jetspec_matmul_kn", "nk": "jetspec_matmul_nk", "packed": "jetspec_matmul_packed"}  # FFI targets
 ATTENTION_TARGET = "jetspec_tree_attention"  # attention.py
 HEAD_DIMS = (16, 32, 64, 128)  # head dimensions the attention kernel is specialised for
 MAX_QUERIES = 16  # tree rows per attention call it takes (more: a prefill chunk, XLA's attention)
@@ -49,6 +49,7 @@ FFI_TARGETS = (*TARGETS.values(), ATTENTION_TARGET)  # every handler the module 
 LANES = 16      # floats per vector (one AVX-512 register, two AVX2 registers)
 K_CHUNK = 16    # rows of W per accumulator round trip (kn)
 W_ROWS = 4      # rows of W dotted at once (nk)
+PACK = 32       # columns per tile of the packed layout (`pack`)
 
 
 @functools.cache
@@ -65,12 +66,13 @@ def _engine():
     llvm.initialize_native_asmparser()  # the spin-wait's pause instruction is inline assembly
     cpu, features, triple = llvm.get_host_cpu_name(), llvm.get_host_cpu_features(), llvm.get_process_triple()
     wide = bool(features.get("avx512f", False))
-    subs = dict(kn_sub=16 if wide else 6, nk_sub=6 if wide else 2)  # rows whose accumulators fit the registers
+    # rows whose accumulators fit the registers
+    subs = dict(kn_sub=16 if wide else 6, nk_sub=6 if wide else 2, pk_sub=12 if wide else 2)
     machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features.flatten(), opt=3,
                                                                     codemodel="jitdefault")
     here = Path(codegen.__file__).parent
     source = (here / "codegen.py").read_bytes() + (here / "attention.py").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, LANES, K_CHUNK, W_ROWS, HEAD_DIMS, subs)).encode(), cpu.encode(),
+    key = hashlib.sha256(b"\0".join([source, repr((MAX_ROWS, LANES, K_CHUNK, W_ROWS, PACK, HEAD_DIMS, subs)).encode(), cpu.encode(),
                                      features.flatten().encode(), triple.encode(),
                                      llvmlite.__version__.encode()])).hexdigest()[:24]
     cached = _object_dir() / f"{key}.o"
@@ -132,11 +134,32 @@ def enabled() -> bool:
 
 def fits(rows: int, k: int, n: int, layout: str = "kn") -> bool:
     """The kernel tiles this product (a static decision, made while tracing)."""
+    if layout == "packed":  # any row count (`pack` makes N a multiple of PACK)
+        return rows >= 1 and k >= 1 and n % PACK == 0
     if not 1 <= rows <= MAX_ROWS:
         return False
     if layout == "kn":
         return k % K_CHUNK == 0 and n % LANES == 0
     return k % LANES == 0 and n % W_ROWS == 0
+
+
+def packable(k: int, n: int) -> bool:
+    """A (K, N) weight can be `pack`ed."""
+    return k >= 1 and n >= PACK and n % PACK == 0
+
+
+def pack(w: jax.Array) -> jax.Array:
+    """A (K, N) weight -> (N / PACK, K, PACK), the layout the "packed" product reads: tile t holds
+    columns [t * PACK, (t + 1) * PACK) of every row, one after the other. Build it once per loaded
+    model, never inside a jitted step (a transpose of the whole weight)."""
+    k, n = w.shape
+    return w.reshape(k, n // PACK, PACK).transpose(1, 0, 2)
+
+
+def unpack(w: jax.Array) -> jax.Array:
+    """(N / PACK, K, PACK) -> the (K, N) weight `pack` was given."""
+    tiles, k, width = w.shape
+    return w.transpose(1, 0, 2).reshape(k, tiles * width)
 
 
 def active(*dtypes) -> bool:
@@ -147,12 +170,18 @@ def active(*dtypes) -> bool:
 
 
 def _xla(x, w, layout):
+    if layout == "packed":  # (M, K) . (T, K, PACK) -> (M, T, PACK): the same columns in order
+        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))).reshape(x.shape[0], -1)
     contract = 0 if layout == "kn" else 1
     return jax.lax.dot_general(x, w, (((1,), (contract,)), ((), ())))
 
 
+def _columns(w, layout):
+    return {"kn": w.shape[-1], "nk": w.shape[0], "packed": w.shape[0] * w.shape[-1]}[layout]
+
+
 def _kernel(x, w, layout):
-    n = w.shape[1] if layout == "kn" else w.shape[0]
+    n = _columns(w, layout)
     call = jax.ffi.ffi_call(TARGETS[layout], jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                             vmap_method="sequential")
     return call(x, w)
@@ -178,15 +207,18 @@ _product.defvjp(_product_fwd, _product_bwd)
 
 
 def matmul(x: jax.Array, w: jax.Array, layout: str = "kn") -> jax.Array:
-    """x (..., K) . w: (K, N) for layout "kn", (N, K) for "nk" -> (..., N) in x's dtype."""
+    """x (..., K) . w: (K, N) for layout "kn", (N, K) for "nk", (N / PACK, K, PACK) for "packed"
+    (`pack(W)`) -> (..., N) in x's dtype."""
     if layout not in TARGETS:
-        raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
+        raise ValueError(f"layout must be one of {sorted(TARGETS)}, got {layout!r}")
+    if w.ndim != (3 if layout == "packed" else 2):
+        raise ValueError(f"a {layout!r} weight has {3 if layout == 'packed' else 2} axes, got shape {w.shape}")
     k = x.shape[-1]
-    n = w.shape[1] if layout == "kn" else w.shape[0]
+    n = _columns(w, layout)
     rows = 1
     for d in x.shape[:-1]:
         rows *= d
-    use = w.ndim == 2 and fits(rows, k, n, layout) and active(x.dtype, w.dtype)
+    use = fits(rows, k, n, layout) and active(x.dtype, w.dtype)
     flat = x.reshape(rows, k)
     out = _product(flat, w, layout) if use else _xla(flat, w, layout)
     return out.reshape(*x.shape[:-1], n)

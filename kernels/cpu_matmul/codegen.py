@@ -8,6 +8,12 @@ Two kernels, both `out[M, N] = x[M, K] . W` in float32, row-major buffers:
   summed over k in increasing order whatever M is.
 - `nk`: W is (N, K) (a tied embedding used as the LM head). `W_ROWS` rows of W at a time are dotted
   with every x row, each product summed in `LANES` partial sums reduced at the end.
+- `packed`: W is (N / PACK, K, PACK) (`pack`ed once at load time): each tile of `PACK` columns is
+  one contiguous run of memory, read in order, so one thread reads one stream (the `kn` layout
+  reads `K_CHUNK` short streams, which the hardware prefetcher serves badly when N is small). A
+  tile's accumulators stay in registers over all of K; each output is the float32 sum over k in
+  increasing order, the same bits as `kn`. Any row count: more rows than a register set holds
+  reread each tile from cache, one register set at a time.
 
 Each is specialised for every row count 1..max_rows, in register sets of a few rows that share each
 tile of W while it sits in L1. The handlers are XLA FFI handlers (the typed C ABI of
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from jetspec_jax.kernels.cpu_matmul import K_CHUNK, LANES, W_ROWS
+from jetspec_jax.kernels.cpu_matmul import K_CHUNK, LANES, PACK, W_ROWS
 
 F32 = ir.FloatType()
 I32 = ir.IntType(32)
@@ -151,6 +157,84 @@ def _nk_rows(module, fma, reduce_add, rows: int, sub: int) -> ir.Function:
                                fastmath=("reassoc",))
                 b.store(total, _gep(b, out, b.add(b.mul(_const(r), ldo), b.add(n, _const(j)))))
     outer.close()
+    b.ret_void()
+    return fn
+
+
+def _pk_rows(module, fma, rows: int) -> ir.Function:
+    """pk_<rows>(x, w, out, K, _, ldo, N): `rows` rows of x (K floats apart) times the packed W
+    (tiles of K x PACK floats, one after the other) -> N columns of out, rows `ldo` floats apart;
+    all rows in one register set."""
+    fn, b = _kernel_function(module, f"pk_{rows}")
+    x, w, out, k_dim, _, ldo, n_dim = fn.args
+    vecs = PACK // LANES
+    zero = ir.Constant(VEC, [0.0] * LANES)
+    accs = [[b.alloca(VEC, name=f"acc{r}_{v}") for v in range(vecs)] for r in range(rows)]
+    tiles = _Loop(b, _const(0), n_dim, _const(PACK), "n")
+    n = tiles.index
+    tile = b.mul(n, k_dim)  # tile n / PACK starts (n / PACK) * K * PACK floats in
+    for row in accs:
+        for a in row:
+            b.store(zero, a)
+    ks = _Loop(b, _const(0), k_dim, _const(1), "k")
+    k = ks.index
+    at = b.add(tile, b.mul(k, _const(PACK)))
+    wv = [b.load(_gep(b, w, b.add(at, _const(v * LANES))), typ=VEC, align=4) for v in range(vecs)]
+    for r in range(rows):
+        xs = _splat(b, b.load(_gep(b, x, b.add(b.mul(_const(r), k_dim), k)), typ=F32, align=4))
+        for v in range(vecs):
+            b.store(b.call(fma, [xs, wv[v], b.load(accs[r][v], typ=VEC)]), accs[r][v])
+    ks.close()
+    for r in range(rows):
+        for v in range(vecs):
+            dst = _gep(b, out, b.add(b.mul(_const(r), ldo), b.add(n, _const(v * LANES))))
+            b.store(b.load(accs[r][v], typ=VEC), dst, align=4)
+    tiles.close()
+    b.ret_void()
+    return fn
+
+
+def _pk_driver(module, name, kernels: list) -> ir.Function:
+    """<name>(x, w, out, M, K, ldw, ldo, N) for the packed layout and any M: M rows in one
+    register set when `kernels` (one per row count up to a register set's) has M; else, tile by
+    tile, full register sets of rows then the rest, each rereading the tile from cache."""
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, PTR, PTR, I64, I64, I64, I64, I64]), name=name)
+    fn.linkage = "internal"
+    x, w, out, m_dim, k_dim, ldw, ldo, n_dim = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    sub = len(kernels)
+    small_bb, big_bb, done = (fn.append_basic_block(n) for n in ("small", "big", "done"))
+    b.cbranch(b.icmp_signed("<=", m_dim, _const(sub)), small_bb, big_bb)
+
+    def dispatch(count, args, after):  # switch over the row count -> the kernel for it
+        switch = b.switch(count, after)
+        for rows, kernel in enumerate(kernels, start=1):
+            case = fn.append_basic_block(f"rows{rows}")
+            switch.add_case(_const(rows), case)
+            b.position_at_end(case)
+            b.call(kernel, args)
+            b.branch(after)
+
+    b.position_at_end(small_bb)
+    dispatch(m_dim, [x, w, out, k_dim, ldw, ldo, n_dim], done)
+
+    b.position_at_end(big_bb)
+    full = b.mul(b.udiv(m_dim, _const(sub)), _const(sub))
+    tiles = _Loop(b, _const(0), n_dim, _const(PACK), "t")
+    wt = _gep(b, w, b.mul(tiles.index, k_dim))
+    groups = _Loop(b, _const(0), full, _const(sub), "g")
+    r0 = groups.index
+    b.call(kernels[-1], [_gep(b, x, b.mul(r0, k_dim)), wt, _gep(b, out, b.add(b.mul(r0, ldo), tiles.index)),
+                         k_dim, ldw, ldo, _const(PACK)])
+    groups.close()
+    rest_done = fn.append_basic_block("rest_done")
+    dispatch(b.sub(m_dim, full), [_gep(b, x, b.mul(full, k_dim)), wt,
+                                  _gep(b, out, b.add(b.mul(full, ldo), tiles.index)), k_dim, ldw, ldo, _const(PACK)],
+             rest_done)
+    b.position_at_end(rest_done)
+    tiles.close()
+    b.branch(done)
+    b.position_at_end(done)
     b.ret_void()
     return fn
 
@@ -298,6 +382,9 @@ def _handler(module, name, driver, task, layout: str, runtime) -> ir.Function:
     if layout == "kn":
         n_dim = b.load(_gep(b, w_dims, _const(1), I64), typ=I64, align=8)
         ldw, step = n_dim, LANES
+    elif layout == "packed":  # W (N / PACK, K, PACK)
+        n_dim = b.mul(b.load(w_dims, typ=I64, align=8), _const(PACK))
+        ldw, step = k_dim, PACK
     else:
         n_dim = b.load(w_dims, typ=I64, align=8)
         ldw, step = k_dim, W_ROWS
@@ -366,8 +453,9 @@ def _call_ptr(b, pointer, result, args):
     return b.call(b.inttoptr(b.ptrtoint(pointer, I64), fnty.as_pointer()), args)
 
 
-def build_module(max_rows: int, kn_sub: int, nk_sub: int, triple: str, data_layout: str) -> ir.Module:
-    """The module with both handlers, `jetspec_matmul_kn` and `jetspec_matmul_nk`, for 1..max_rows rows."""
+def build_module(max_rows: int, kn_sub: int, nk_sub: int, pk_sub: int, triple: str, data_layout: str) -> ir.Module:
+    """The module with the handlers `jetspec_matmul_kn` and `jetspec_matmul_nk` (1..max_rows rows)
+    and `jetspec_matmul_packed` (any number of rows, `pk_sub` per register set)."""
     module = ir.Module(name="jetspec_cpu_matmul")
     module.triple, module.data_layout = triple, data_layout
     fma = ir.Function(module, ir.FunctionType(VEC, [VEC, VEC, VEC]), name="llvm.fma.v16f32")
@@ -382,4 +470,7 @@ def build_module(max_rows: int, kn_sub: int, nk_sub: int, triple: str, data_layo
         driver = _driver(module, layout, [make(r) for r in rows])
         task = _task(module, f"{layout}_task", driver, free)
         _handler(module, f"jetspec_matmul_{layout}", driver, task, layout, (malloc, free, pause))
+    driver = _pk_driver(module, "packed", [_pk_rows(module, fma, r) for r in range(1, pk_sub + 1)])
+    task = _task(module, "packed_task", driver, free)
+    _handler(module, "jetspec_matmul_packed", driver, task, "packed", (malloc, free, pause))
     return module
