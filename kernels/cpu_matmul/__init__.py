@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 
 MAX_ROWS = 10  # from ~12 rows on, XLA's GEMM is as fast here (scripts/bench_cpu_matmul.py)
+# The packed layout's kernel takes any row count but turns compute-bound past a register set:
+# 16 rows still beat XLA's GEMM here, 64 take ~1.9x its time (scripts/bench_cpu_matmul.py).
+PACKED_MAX_ROWS = 16
 TARGETS = {"kn": "jetspec_matmul_kn", "nk": "jetspec_matmul_nk", "packed": "jetspec_matmul_packed"}  # FFI targets
 ATTENTION_TARGET = "jetspec_tree_attention"  # attention.py
 HEAD_DIMS = (16, 32, 64, 128)  # head dimensions the attention kernel is specialised for
@@ -134,8 +137,8 @@ def enabled() -> bool:
 
 def fits(rows: int, k: int, n: int, layout: str = "kn") -> bool:
     """The kernel tiles this product (a static decision, made while tracing)."""
-    if layout == "packed":  # any row count (`pack` makes N a multiple of PACK)
-        return rows >= 1 and k >= 1 and n % PACK == 0
+    if layout == "packed":  # `pack` makes N a multiple of PACK
+        return 1 <= rows <= PACKED_MAX_ROWS and k >= 1 and n % PACK == 0
     if not 1 <= rows <= MAX_ROWS:
         return False
     if layout == "kn":
