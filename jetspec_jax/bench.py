@@ -187,7 +187,8 @@ def run(argv=None, prompt_sets=None) -> int:
     sets = load_sets(args, model.tokenizer, prompt_sets)
     params = {"target": model.params} | ({"head": head[1]} if head else {})
     # As Runner does: the CPU kernel's layouts, once (every config shares the target and the head)
-    params = prepare_params(params, next((c for c in configs if c.head is not None), configs[0]))
+    decode_configs = [c[-1] for c in configs]
+    params = prepare_params(params, next((c for c in decode_configs if c.head is not None), decode_configs[0]))
     peers = load_peers(args.peers, resolve_model(args.model), head_dir, notes,
                        torch_threads=args.torch_threads)
     for n in notes:
