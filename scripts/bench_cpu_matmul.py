@@ -59,7 +59,7 @@ def main(argv=None) -> int:
              "packed": lambda _, x: packed_step(packed, x)}
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores, load {info['load_avg']}; {a.layers} layers, {mbytes:.0f} MB of weights; "
-          f"the kernel takes up to {cpu_matmul.MAX_ROWS} rows (more fall back to XLA)")
+          f"the kernel takes up to {cpu_matmul.MAX_ROWS} rows as loaded, {cpu_matmul.PACKED_MAX_ROWS} packed (more: XLA's dot)")
     rows = [int(m) for m in a.rows.split(",")]
     best = {}
     for m in rows:
