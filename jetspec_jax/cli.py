@@ -28,9 +28,11 @@ class _Parser(argparse.ArgumentParser):
 # 2026-12-06 with kernels/cpu_matmul (verifying 4 tokens 1.23x an AR step instead of 1.6x; stage-9
 # head, `docs/bench/small-budgets/report.md`), budgets 3-6 x lookup 2, 3: every config 1.09-1.18x
 # AR, N=4 with 2 lookup nodes 1.15x (1.22x in docs/bench the same hour), N=4 with 3 1.18x, N=3 with 2
-# 1.17x: within the run-to-run noise, so the default stays. On a GPU verifying N tokens costs about one
-# token's forward up to large N, hence 32 there (no GPU measurement yet, and lookup stays off on GPU
-# until one).
+# 1.17x: within the run-to-run noise, so the default stays; 2026-12-06 23:52 UTC with the packed weight
+# layout and the stage-11 head (docs/bench/report.md), budgets 4, 6, 8 x lookup 0, 2: N=4 with 2 lookup
+# nodes 1.51x AR, the fastest (N=8 with 2: 1.45x, N=6 with 2: 1.42x, without lookup 1.30-1.37x). On a
+# GPU verifying N tokens costs about one token's forward up to large N, hence 32 there (no GPU
+# measurement yet, and lookup stays off on GPU until one).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
 DEFAULT_LOOKUP = {"cpu": 2, "gpu": 0}
 # bf16 matmuls are 10-20x slower than f32 on XLA:CPU (DESIGN.md section 6); GPUs read half the bytes.

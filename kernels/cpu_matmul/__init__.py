@@ -5,20 +5,26 @@ memory's speed, but two rows or more go to its GEMM, which on our development ma
 1.5-1.8x the GEMV (`scripts/bench_cpu_matmul.py`), so every tree round paid that before accepting
 a token. This kernel (LLVM IR written in `codegen.py`, compiled for the running CPU by llvmlite,
 called by XLA through its typed FFI) streams W once for all rows, one vector accumulator per row
-in registers, half of the columns on XLA's intra-op thread pool: 1.01x the one-row time at 2
-rows, 1.11x at 5, 1.34x at 8 on that machine (XLA: 1.59x, 1.55x, 1.81x; docs/bench/cpu_matmul).
+in registers, half of the columns on XLA's intra-op thread pool. Three layouts of W:
 
-    y = matmul(x, w)            # x (..., K) . w (K, N)  (a Dense kernel)
-    y = matmul(x, table, "nk")  # x (..., K) . table (N, K)^T (a tied embedding as LM head)
-    nn.Dense(..., dot_general=dot_general)   # the same inside Flax layers
+    y = matmul(x, w)                # x (..., K) . w (K, N)  (a Dense kernel as loaded)
+    y = matmul(x, table, "nk")      # x (..., K) . table (N, K)^T (a tied embedding as LM head)
+    y = matmul(x, pack(w), "packed")  # w re-laid out once: tiles of PACK columns, each contiguous
+    nn.Dense(..., dot_general=dot_general)   # the (K, N) form inside Flax layers
 
-It is used where it pays and is correct to use: float32, at most `MAX_ROWS` rows, dimensions the
-kernel tiles, on CPU (`lax.platform_dependent`: GPU lowerings get XLA's dot) with one device (a
-partitioner cannot split a custom call, so sharded programs keep XLA's dot). Anything else, and
-gradients (a custom VJP), use XLA's dot. The compiled machine code is kept under
-`$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py and attention.py, the tiling, the CPU and llvmlite), so only the first
-process on a machine pays LLVM's 1-2 seconds. Each output is one float32 sum over k whose order
-does not depend on the row count, so a tree's rows get the same bits as one-row decoding.
+The packed layout is the fast one: a thread reads one contiguous stream, where (K, N) reads
+K_CHUNK short streams that the hardware prefetcher serves badly when N is small; with it a
+product of 4 rows costs about one row's time (`scripts/bench_cpu_matmul.py`, docs/bench/cpu_matmul).
+`step.prepare_params` packs a loaded model once for decoding (`layers.Linear` reads either form).
+
+It is used where it pays and is correct to use: float32, at most `MAX_ROWS` rows (`PACKED_MAX_ROWS`
+packed), dimensions the kernel tiles, on CPU (`lax.platform_dependent`: GPU lowerings get XLA's
+dot) with one device (a partitioner cannot split a custom call, so sharded programs keep XLA's
+dot). Anything else, and gradients (a custom VJP), use XLA's dot. The compiled machine code is
+kept under `$JETSPEC_CACHE/cpu_matmul` (keyed by codegen.py and attention.py, the tiling, the CPU
+and llvmlite), so only the first process on a machine pays LLVM's 1-2 seconds. Each output is
+one float32 sum over k in increasing order (kn and packed: the same bits) whatever the row
+count, so a tree's rows get the same bits as one-row decoding.
 `enabled()` says whether it can run here (llvmlite importable, x86-64 or aarch64 Linux/macOS);
 JETSPEC_CPU_MATMUL=0 turns it off.
 
