@@ -7,11 +7,11 @@ dispatch and a copy of the state per stage; here every measurement is a `fori_lo
 repetitions of one stage inside one program (the carry threads through each repetition so nothing
 is hoisted), on a real state: the default model and head after prefilling a MATH-style prompt and
 decoding a few rounds. Stages: the target forward over 1..N rows (with and without the LM head),
-the head's draft, the tree build, accept+commit, the fused AR step and the fused speculative
-round, and those two again with the weights as loaded (no packed layouts, `step.prepare_params`:
-the layers' (K, N) kernels, the LM head from the tied embedding) and with XLA's attention instead
-of the CPU kernel. Times are the median
-of `--samples` runs of the loop, per repetition, in ms; ratios are against the AR step of the same
+the head's draft, the tree build, accept+commit, the prompt's prefill, the fused AR step and the
+fused speculative round; the last two and the prefill again with the weights as loaded (no packed
+layouts, `step.prepare_params`: the layers' (K, N) kernels, the LM head from the tied embedding),
+and the AR step and round with XLA's attention instead of the CPU kernel. Times are the median of
+`--samples` runs of the loop, per repetition, in ms; ratios are against the AR step of the same
 run.
 """
 
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jetspec_jax.benchmark.measure import machine
-from jetspec_jax.decode import decode, start
+from jetspec_jax.decode import decode, prefill, prefill_inputs, start
 from jetspec_jax.head import check_head_fits
 from jetspec_jax.loading import load_model
 from jetspec_jax.loading.head_io import load_head_dir
@@ -161,6 +161,19 @@ def main():
     def commit_body(prm, s, tree, vlogits, features):
         return rewind(commit(prm, s, tree, vlogits, features, config)[0]), tree, vlogits, features
     add_case("accept + commit", loop(commit_body), state.replace(target_cache=vcache), tree, vlogits, features)
+
+    # The prompt's prefill (target and head context, its bucket of rows): past 16 rows the packed
+    # products are XLA's dot on the packed array, which re-lays it out.
+    pre = prefill_inputs([prompt], config, max_new_tokens=args.max_new_tokens)
+    tokens, *rest = pre.arrays
+
+    def prefill_body(prm, acc):
+        first = prefill(prm, jnp.where(acc < 0, 0, tokens), *rest, config=config, capacity=pre.capacity)
+        used = jnp.sum(first.target_cache.k[-1]) + jnp.sum(first.head_cache.k[-1])  # the whole prefill is live
+        return (acc + (used > 0).astype(jnp.int32),)  # acc is never negative, but XLA cannot know
+    label = f"prefill, {len(prompt)} tokens ({tokens.shape[1]}-row bucket)"
+    add_case(label, loop(prefill_body), jnp.int32(0))
+    add_case(f"{label}, weights as loaded", loop(prefill_body), jnp.int32(0), prm=loaded)
 
     results = {k: v / iters * 1e3 for k, v in timed_round_robin(cases, args.samples).items()}
     ar = results["AR step (fused)"]
