@@ -1,8 +1,8 @@
 """LLVM IR of the small-row CPU matrix product, compiled for this machine's CPU with llvmlite.
 
-Two kernels, both `out[M, N] = x[M, K] . W` in float32, row-major buffers:
+Three kernels, all `out[M, N] = x[M, K] . W` in float32, row-major buffers:
 
-- `kn`: W is (K, N) (a Flax Dense kernel). `K_CHUNK` rows of W at a time (as many sequential
+- `kn`: W is (K, N) (a Dense kernel as loaded). `K_CHUNK` rows of W at a time (as many sequential
   streams) multiply tiles of `LANES` columns into one vector accumulator per x row, added into `out`
   (M x N floats, in L2) after each chunk. W streams from memory once for all rows; each output is
   summed over k in increasing order whatever M is.
@@ -15,8 +15,8 @@ Two kernels, both `out[M, N] = x[M, K] . W` in float32, row-major buffers:
   increasing order, the same bits as `kn`. Any row count: more rows than a register set holds
   reread each tile from cache, one register set at a time.
 
-Each is specialised for every row count 1..max_rows, in register sets of a few rows that share each
-tile of W while it sits in L1. The handlers are XLA FFI handlers (the typed C ABI of
+`kn` and `nk` are specialised for every row count 1..max_rows, `packed` for every row count of one
+register set, in register sets of a few rows that share each tile of W while it sits in cache. The handlers are XLA FFI handlers (the typed C ABI of
 `xla/ffi/api/c_api.h`): each answers XLA's metadata query, reads its buffers (x, W, out) and their
 dimensions, and computes the output columns in two halves, the second offered to XLA's intra-op
 thread pool (one core alone streams W at ~2/3 of the memory's speed here).
