@@ -63,7 +63,7 @@ def pack_linears(params):
             k, n = kernel.shape[0], math.prod(kernel.shape[1:])
             if cpu_matmul.packable(k, n) and cpu_matmul.active(kernel.dtype):
                 rest = {key: value for key, value in tree.items() if key != "kernel"}
-                return {**rest, PACKED: jax.jit(cpu_matmul.pack)(kernel.reshape(k, n))}
+                return {**rest, PACKED: cpu_matmul.pack(kernel.reshape(k, n))}
         return {key: walk(value, key) for key, value in tree.items()}
     return walk(params)
 

@@ -103,7 +103,7 @@ def for_cpu_decoding(config: ModelConfig, params):
         return params
     params = pack_linears(params)
     if config.tie_embeddings and LM_HEAD_PACKED not in params and cpu_matmul.packable(*table.shape[::-1]):
-        params = {**params, LM_HEAD_PACKED: jax.jit(lambda e: cpu_matmul.pack(e.T))(table)}
+        params = {**params, LM_HEAD_PACKED: cpu_matmul.pack_table(table)}
     return params
 
 

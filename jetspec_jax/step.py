@@ -167,8 +167,8 @@ def with_draft_table(params, config: DecodeConfig):
     if config.head is None or config.head.draft_vocab_size is None or "draft_table" in params:
         return params
     table = draft_table(params, config)
-    if cpu_matmul.active(table.dtype) and cpu_matmul.packable(table.shape[1], table.shape[0]):
-        table = cpu_matmul.pack(table.T)
+    if cpu_matmul.active(table.dtype) and cpu_matmul.packable(*table.shape[::-1]):
+        table = cpu_matmul.pack_table(table)
     return {**params, "draft_table": table}
 
 

@@ -157,12 +157,20 @@ def packable(k: int, n: int) -> bool:
     return k >= 1 and n >= PACK and n % PACK == 0
 
 
+@jax.jit
 def pack(w: jax.Array) -> jax.Array:
     """A (K, N) weight -> (N / PACK, K, PACK), the layout the "packed" product reads: tile t holds
     columns [t * PACK, (t + 1) * PACK) of every row, one after the other. Build it once per loaded
     model, never inside a jitted step (a transpose of the whole weight)."""
     k, n = w.shape
     return w.reshape(k, n // PACK, PACK).transpose(1, 0, 2)
+
+
+@jax.jit
+def pack_table(table: jax.Array) -> jax.Array:
+    """An (N, K) table (an embedding, LM-head rows) -> `pack(table.T)`, the packed (K, N) product
+    `x . table^T`, in one program."""
+    return pack(table.T)
 
 
 def unpack(w: jax.Array) -> jax.Array:

@@ -16,7 +16,8 @@ Three kernels, all `out[M, N] = x[M, K] . W` in float32, row-major buffers:
   reread each tile from cache, one register set at a time.
 
 `kn` and `nk` are specialised for every row count 1..max_rows, `packed` for every row count of one
-register set, in register sets of a few rows that share each tile of W while it sits in cache. The handlers are XLA FFI handlers (the typed C ABI of
+register set, in register sets of a few rows that share each tile of W while it sits in cache. The
+handlers are XLA FFI handlers (the typed C ABI of
 `xla/ffi/api/c_api.h`): each answers XLA's metadata query, reads its buffers (x, W, out) and their
 dimensions, and computes the output columns in two halves, the second offered to XLA's intra-op
 thread pool (one core alone streams W at ~2/3 of the memory's speed here).
@@ -198,6 +199,7 @@ def _pk_driver(module, name, kernels: list) -> ir.Function:
     """<name>(x, w, out, M, K, ldw, ldo, N) for the packed layout and any M: M rows in one
     register set when `kernels` (one per row count up to a register set's) has M; else, tile by
     tile, full register sets of rows then the rest, each rereading the tile from cache."""
+    sets = _driver(module, f"{name}_sets", kernels)  # M <= len(kernels) rows in one register set
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [PTR, PTR, PTR, I64, I64, I64, I64, I64]), name=name)
     fn.linkage = "internal"
     x, w, out, m_dim, k_dim, ldw, ldo, n_dim = fn.args
@@ -206,17 +208,9 @@ def _pk_driver(module, name, kernels: list) -> ir.Function:
     small_bb, big_bb, done = (fn.append_basic_block(n) for n in ("small", "big", "done"))
     b.cbranch(b.icmp_signed("<=", m_dim, _const(sub)), small_bb, big_bb)
 
-    def dispatch(count, args, after):  # switch over the row count -> the kernel for it
-        switch = b.switch(count, after)
-        for rows, kernel in enumerate(kernels, start=1):
-            case = fn.append_basic_block(f"rows{rows}")
-            switch.add_case(_const(rows), case)
-            b.position_at_end(case)
-            b.call(kernel, args)
-            b.branch(after)
-
     b.position_at_end(small_bb)
-    dispatch(m_dim, [x, w, out, k_dim, ldw, ldo, n_dim], done)
+    b.call(sets, [x, w, out, m_dim, k_dim, ldw, ldo, n_dim])
+    b.branch(done)
 
     b.position_at_end(big_bb)
     full = b.mul(b.udiv(m_dim, _const(sub)), _const(sub))
@@ -227,11 +221,8 @@ def _pk_driver(module, name, kernels: list) -> ir.Function:
     b.call(kernels[-1], [_gep(b, x, b.mul(r0, k_dim)), wt, _gep(b, out, b.add(b.mul(r0, ldo), tiles.index)),
                          k_dim, ldw, ldo, _const(PACK)])
     groups.close()
-    rest_done = fn.append_basic_block("rest_done")
-    dispatch(b.sub(m_dim, full), [_gep(b, x, b.mul(full, k_dim)), wt,
-                                  _gep(b, out, b.add(b.mul(full, ldo), tiles.index)), k_dim, ldw, ldo, _const(PACK)],
-             rest_done)
-    b.position_at_end(rest_done)
+    b.call(sets, [_gep(b, x, b.mul(full, k_dim)), wt, _gep(b, out, b.add(b.mul(full, ldo), tiles.index)),
+                  b.sub(m_dim, full), k_dim, ldw, ldo, _const(PACK)])  # the rest (none: no case)
     tiles.close()
     b.branch(done)
     b.position_at_end(done)
