@@ -530,10 +530,44 @@ def test_cli_trains_and_exports_a_head(tmp_path, capsys, make_tiny_hf):
     assert main(["--config", _write_yaml(tmp_path / "c2.yaml", raw), "--stage", "train", "--no-progress"]) == 0
     more = [json.loads(line) for line in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()]
     assert more[0]["loss"] != rows[0]["loss"]  # not a fresh random init
+
+    # A deeper head from the same one-layer head (`deepen`): its first step sees the same batch and
+    # drafts exactly what the one-layer head drafts, so the loss is the same; then it trains.
+    deep = {**raw, "head": {**raw["head"], "num_layers": 2}, "train": {**raw["train"], "output_dir": str(tmp_path / "deep")}}
+    assert main(["--config", _write_yaml(tmp_path / "c4.yaml", deep), "--stage", "train", "--no-progress"]) == 0
+    deeper = [json.loads(line) for line in (tmp_path / "deep" / "metrics.jsonl").read_text().splitlines()]
+    assert deeper[0]["loss"] == pytest.approx(more[0]["loss"], rel=1e-6)
+    deep_cfg, deep_params = load_head_dir(tmp_path / "deep" / "head")
+    assert deep_cfg.num_layers == 2 and np.abs(np.asarray(deep_params["layers_1"]["attn"]["o_proj"]["kernel"])).max() > 0
     raw["head"]["block_size"] = 5
     raw["train"]["output_dir"] = str(tmp_path / "bad")
     assert main(["--config", _write_yaml(tmp_path / "c3.yaml", raw), "--stage", "train", "--no-progress"]) == 2
     assert "differs from this config in block_size" in capsys.readouterr().err
+
+
+def test_deepened_head_drafts_exactly_like_the_shallow_one(target, sequence_features):
+    """init_from a head with fewer layers: the appended layers' residual branches start at zero, so
+    the deeper head computes the same block rows (to the bit), and its new layers are not all zero."""
+    from jetspec_jax.train.trainer import deepen
+
+    shallow, deep = _head(num_layers=1), _head(num_layers=3)
+    params = _perturbed_head_params(shallow, 12)
+    tokens, _ = sequence_features
+    b = tokens.shape[0]
+    feats, _ = target_features(ObjectiveConfig(target=TARGET, head=shallow), target.params, tokens)
+    anchors = jnp.array([[2, 7]] * b, jnp.int32)
+    emb = jax.random.normal(jax.random.PRNGKey(3), (b, 2, shallow.block_size, TARGET.hidden_size))
+    run = lambda cfg, p: AnchorHead(cfg).apply({"params": p}, feats, emb, anchors, method=AnchorHead.anchor_blocks)  # noqa: E731
+    deepened = deepen(params, 1, deep, jax.random.PRNGKey(4))
+    assert sorted(k for k in deepened if k.startswith("layers_")) == ["layers_0", "layers_1", "layers_2"]
+    np.testing.assert_array_equal(run(deep, deepened), run(shallow, params))
+    for i in (1, 2):  # a fresh layer, not a copy of layer 0 nor all zero
+        q = np.asarray(deepened[f"layers_{i}"]["attn"]["qkv_proj"]["kernel"])
+        assert np.abs(q).max() > 0 and not np.array_equal(q, np.asarray(params["layers_0"]["attn"]["qkv_proj"]["kernel"]))
+    # the same params again minus the zeroing would change the rows: the zeros are what keeps them
+    live = jax.tree_util.tree_map(lambda x: x, deepened)
+    live["layers_1"]["mlp"]["down_proj"]["kernel"] = jnp.ones_like(live["layers_1"]["mlp"]["down_proj"]["kernel"])
+    assert not np.array_equal(np.asarray(run(deep, live)), np.asarray(run(shallow, params)))
 
 
 def test_widened_taps_draft_exactly_like_the_narrow_head(target, sequence_features):

@@ -106,9 +106,10 @@ def _initial_params(t, head_cfg: HeadConfig) -> dict:
     shipped head with a fresh optimizer and schedule -> (params, d2t or None).
 
     The head in init_from must have this config's shape, except that it may tap a subset of this
-    config's layers (`widen_taps`: the new taps start with zero weight, so the run starts from
-    exactly that head's drafts) and may lack the draft vocabulary (the head owns no output layer,
-    so a reduced vocabulary changes no parameter).
+    config's layers (`widen_taps`: the new taps start with zero weight), may have fewer layers
+    (`deepen`: the new layers are appended with zero residual branches), in both cases so that the
+    run starts from exactly that head's drafts, and may lack the draft vocabulary (the head owns no
+    output layer, so a reduced vocabulary changes no parameter).
     """
     if t.init_from is None:
         return init_head_params(head_cfg, jax.random.PRNGKey(t.seed)), None
@@ -120,6 +121,9 @@ def _initial_params(t, head_cfg: HeadConfig) -> dict:
     if cfg.target_layer_ids != head_cfg.target_layer_ids and set(cfg.target_layer_ids) <= set(head_cfg.target_layer_ids):
         params = widen_taps(params, cfg.target_layer_ids, head_cfg.target_layer_ids, cfg.hidden_size)
         cfg = cfg.replace(target_layer_ids=head_cfg.target_layer_ids)
+    if cfg.num_layers < head_cfg.num_layers and cfg.replace(num_layers=head_cfg.num_layers) == head_cfg:
+        params = deepen(params, cfg.num_layers, head_cfg, jax.random.PRNGKey(t.seed))
+        cfg = head_cfg
     if cfg != head_cfg:
         diff = sorted(f.name for f in dataclasses.fields(HeadConfig) if getattr(cfg, f.name) != getattr(head_cfg, f.name))
         raise UserError(f"train.init_from {t.init_from}: that head differs from this config in {', '.join(diff)}")
@@ -135,6 +139,26 @@ def widen_taps(params: dict, old_taps: tuple, new_taps: tuple, d: int) -> dict:
         j = new_taps.index(tap)
         fc[j * d : (j + 1) * d] = old[i * d : (i + 1) * d]
     return {**params, "fc": {**params["fc"], "kernel": jax.numpy.asarray(fc)}}
+
+
+def deepen(params: dict, old_layers: int, cfg: HeadConfig, key: jax.Array) -> dict:
+    """Head params with `old_layers` layers -> params of `cfg` (more layers) that compute the same
+    function: layers 0..old_layers-1, fc and the norms are copied; each new layer, appended after
+    them, is randomly initialised except its residual branches' output projections (attention's
+    o_proj, the MLP's down_proj), which are zero, so it adds exactly nothing until trained (the
+    first step gives those projections a gradient, then the rest of the layer learns)."""
+    fresh = dict(init_head_params(cfg, key))
+    out = {**fresh, **{k: v for k, v in params.items() if not k.startswith("layers_")}}
+    for i in range(cfg.num_layers):
+        name = f"layers_{i}"
+        if i < old_layers:
+            out[name] = params[name]
+            continue
+        layer = jax.tree_util.tree_map(lambda x: x, fresh[name])  # a copy to edit
+        for branch, proj in (("attn", "o_proj"), ("mlp", "down_proj")):
+            layer[branch][proj] = jax.tree_util.tree_map(jax.numpy.zeros_like, layer[branch][proj])
+        out[name] = layer
+    return out
 
 
 METRICS = "metrics.jsonl"
