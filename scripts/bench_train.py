@@ -15,6 +15,10 @@ first sequences.
 
     python scripts/bench_train.py --old-config configs/smollm2-135m-stage8.yaml \
         --config configs/smollm2-135m-stage9.yaml --steps 4    # whole blocks vs block_rows 8
+
+`--config` may be given several times: every path runs on the same batches, step by step in turn,
+and the table gives each one's time per step relative to the first (`--old-config`), which is how
+the ablation (docs/ablation) sets each arm's steps for equal training compute.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import numpy as np
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/smollm2-135m-taps5.yaml")
+    p.add_argument("--config", action="append", help="a config to time (repeatable; default: "
+                   "configs/smollm2-135m-taps5.yaml)")
     p.add_argument("--old-config", default="configs/smollm2-135m-causal-r4.yaml")
     p.add_argument("--steps", type=int, default=4, help="timed steps per path (after one untimed)")
     args = p.parse_args(argv)
@@ -46,14 +51,15 @@ def main(argv=None) -> int:
     from jetspec_jax.train.trainer import head_config, step_config
     from jetspec_jax.train.validate import draft_vocabulary, vocab_tables
 
-    new_cfg, old_cfg = read_config(args.config), read_config(args.old_config)
+    new_cfgs = [read_config(c) for c in (args.config or ["configs/smollm2-135m-taps5.yaml"])]
+    new_cfg, old_cfg = new_cfgs[0], read_config(args.old_config)
     model = load_model(new_cfg.target)
     data = read_sequences(new_cfg.data.dir)
     f = new_cfg.features
     store = FeatureStore.open(f.dir, CacheSpec.of(new_cfg, model.config.hidden_size), data)
     pool = np.array([i for i in store.cached() if not is_validation(data.keys[i])])
     paths = {}
-    for cfg in (old_cfg, new_cfg):
+    for cfg in (old_cfg, *new_cfgs):
         name = f"{Path(cfg.path).stem}: " + ("target in the step" if cfg.features is None else "feature cache")
         head = head_config(cfg.head, model.config)
         step_spec = step_config(cfg, head, model.config)
@@ -67,7 +73,7 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     for step in range(args.steps + 1):
-        drawn = rng.choice(pool, size=max(new_cfg.train.batch_size, old_cfg.train.batch_size), replace=False)
+        drawn = rng.choice(pool, size=max(c.train.batch_size for c in (old_cfg, *new_cfgs)), replace=False)
         for name, pth in paths.items():
             t = pth["cfg"].train
             indices = drawn[: t.batch_size]
@@ -84,14 +90,18 @@ def main(argv=None) -> int:
                 pth["anchors"] += int(metrics["depth_rows"][0])
                 pth["rows"] += int(metrics["rows"])
             print(f"{name}: step {step} {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    print("| path | taps | draft vocab | seqs x anchors/seq | block rows | s/step (median) | anchor blocks/s "
-          "| scored rows/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| path | head layers | taps | draft vocab | seqs x anchors/seq | block rows | s/step (median) "
+          "| x first | anchor blocks/s | scored rows/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    first = None
     for name, pth in paths.items():
         t, spent = pth["cfg"].train, sum(pth["seconds"])
-        print(f"| {name} | {list(pth['head'].target_layer_ids)} | {pth['head'].draft_vocab_size or pth['head'].vocab_size} "
+        median = statistics.median(pth["seconds"])
+        first = first or median
+        print(f"| {name} | {pth['head'].num_layers} | {list(pth['head'].target_layer_ids)} "
+              f"| {pth['head'].draft_vocab_size or pth['head'].vocab_size} "
               f"| {t.batch_size} x {t.anchors_per_seq} | {pth['spec'].objective.rows} "
-              f"| {statistics.median(pth['seconds']):.2f} | {pth['anchors'] / spent:.1f} | {pth['rows'] / spent:.0f} |")
+              f"| {median:.2f} | {median / first:.2f} | {pth['anchors'] / spent:.1f} | {pth['rows'] / spent:.0f} |")
     return 0
 
 
