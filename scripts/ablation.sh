@@ -31,5 +31,6 @@ done
   --head shipped=jetspec_jax/heads/smollm2-135m-causal --head layers1=runs/ablation/layers1/head \
   --head layers2=runs/ablation/layers2/head --head layers3=runs/ablation/layers3/head \
   --json "$OUT/val-layers.json"
-"$PY" scripts/plot_ablation.py --group "from scratch: taps and draft vocabulary=$OUT/val-scratch.json" \
-  --group "from the shipped head: head layers=$OUT/val-layers.json" --out "$OUT/ablation.png"
+"$PY" scripts/plot_ablation.py \
+  --group "from scratch, 1 layer, equal training time: taps and draft vocabulary=$OUT/val-scratch.json" \
+  --group "from the shipped head, equal training time: head layers=$OUT/val-layers.json" --out "$OUT/ablation.png"

@@ -4,8 +4,10 @@
         --group "from the shipped head"=runs/ablation/val-layers.json --out docs/ablation/ablation.png
 
 One panel per group (the heads of a group were measured on the same anchors, in one val_heads run;
-groups are not comparable with each other): for every head, depth-1 accuracy and tau (tokens per
-target forward) of the chain and of trees of 4, 8 and 16 nodes, as grouped bars.
+groups are not comparable with each other). The group's first head is its reference: for every other
+head, the change against it of depth-1 accuracy and of tau (tokens per target forward) of the chain
+and of trees of 4, 8 and 16 nodes, as grouped bars labelled with the change; the reference's own
+values are under each measure.
 """
 
 from __future__ import annotations
@@ -42,17 +44,21 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), squeeze=False)
-    for ax, (title, heads) in zip(axes[0], groups):
-        width = 0.8 / len(heads)
-        for i, (name, val) in enumerate(heads):
-            xs = [j + (i - (len(heads) - 1) / 2) * width for j in range(len(MEASURES))]
-            bars = ax.bar(xs, [val[key] for key, _ in MEASURES], width, label=name)
-            ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90, padding=2)
-        ax.set_xticks(range(len(MEASURES)), [label for _, label in MEASURES])
-        ax.set_title(title)
-        ax.set_ylim(0, 1.15 * max(val[key] for _, val in heads for key, _ in MEASURES))
-        ax.legend(fontsize=7, loc="upper left")
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.8 * len(groups)), squeeze=False)
+    for ax, (title, heads) in zip(axes[:, 0], groups):
+        (ref_name, ref), others = heads[0], heads[1:]
+        width = 0.8 / max(len(others), 1)
+        for i, (name, val) in enumerate(others):
+            xs = [j + (i - (len(others) - 1) / 2) * width for j in range(len(MEASURES))]
+            bars = ax.bar(xs, [val[key] - ref[key] for key, _ in MEASURES], width, label=name)
+            ax.bar_label(bars, fmt="%+.3f", fontsize=6, padding=2)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(MEASURES)), [f"{label}\n({ref_name}: {ref[key]:.3f})" for key, label in MEASURES],
+                      fontsize=8)
+        ax.set_ylabel(f"change against {ref_name}")
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
