@@ -428,10 +428,10 @@ def _write_yaml(path, raw):
     return str(path)
 
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))  # configs/ablation/ too
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem if p.parent.name == "configs" else f"{p.parent.name}/{p.stem}" for p in CONFIGS])
 def test_shipped_configs_are_valid(path):
     from jetspec_jax.train.config import read_config
 
