@@ -147,17 +147,13 @@ def deepen(params: dict, old_layers: int, cfg: HeadConfig, key: jax.Array) -> di
     them, is randomly initialised except its residual branches' output projections (attention's
     o_proj, the MLP's down_proj), which are zero, so it adds exactly nothing until trained (the
     first step gives those projections a gradient, then the rest of the layer learns)."""
-    fresh = dict(init_head_params(cfg, key))
-    out = {**fresh, **{k: v for k, v in params.items() if not k.startswith("layers_")}}
-    for i in range(cfg.num_layers):
-        name = f"layers_{i}"
-        if i < old_layers:
-            out[name] = params[name]
-            continue
-        layer = jax.tree_util.tree_map(lambda x: x, fresh[name])  # a copy to edit
-        for branch, proj in (("attn", "o_proj"), ("mlp", "down_proj")):
-            layer[branch][proj] = jax.tree_util.tree_map(jax.numpy.zeros_like, layer[branch][proj])
-        out[name] = layer
+    fresh = init_head_params(cfg, key)
+    zero = lambda tree: jax.tree_util.tree_map(jax.numpy.zeros_like, tree)  # noqa: E731
+    out = {**fresh, **params}  # fc, the norms and layers 0..old_layers-1 from the shallower head
+    for i in range(old_layers, cfg.num_layers):
+        layer = fresh[f"layers_{i}"]
+        out[f"layers_{i}"] = {**layer, "attn": {**layer["attn"], "o_proj": zero(layer["attn"]["o_proj"])},
+                              "mlp": {**layer["mlp"], "down_proj": zero(layer["mlp"]["down_proj"])}}
     return out
 
 
