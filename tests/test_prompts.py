@@ -16,7 +16,10 @@ from jetspec_jax.errors import UserError
 from jetspec_jax.prompts import EVAL_ONLY, PROMPT_SETS, TRAIN_SETS, check_training_sets, load_prompts
 
 COUNTS = {"gsm8k": 1319, "math": 4500, "math500": 500, "mbpp": 500, "naturalqs": 1000, "humaneval": 164, "mtbench": 80,
-          "squad": 1000, "summarize": 499}
+          "squad": 1000, "summarize": 499,
+          # MBPP's 500 tasks; ARC-Challenge's test set (1172 questions, each record once per option); the distinct
+          # passages of SQuAD's 1000 and DROP's 1000 questions.
+          "mbpp_complete": 500, "explain": 1172, "rewrite": 803 + 405}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -44,6 +47,13 @@ def test_code_prompts_are_instructions():
     mbpp = load_prompts("mbpp")[0]
     assert mbpp.startswith("Write a python function to remove first and last occurrence")
     assert mbpp.count("assert remove_Occ(") == 3
+    # MBPP in HumanEval's shape: imports, the reference signature, the task and the asserts as doctests.
+    complete = load_prompts("mbpp_complete")
+    assert complete[0].startswith("Write a Python function `remove_Occ` that completes the code below.\n```python\n"
+                                  "def remove_Occ(s,ch):\n    \"\"\" Write a python function to remove first")
+    assert complete[0].count(">>> remove_Occ(") == 3 and "\n    'heo'\n" in complete[0]
+    assert sum(t.count(">>> ") >= 3 for t in complete) == len(complete)
+    assert any("\nimport " in t or "```python\nimport " in t or "```python\nfrom " in t for t in complete)
     humaneval = load_prompts("humaneval")[0]
     assert humaneval.startswith("Write a Python function `has_close_elements`")
     assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in humaneval
@@ -76,7 +86,8 @@ def test_checksum_mismatch_is_refused_and_caches_nothing(tmp_path, monkeypatch):
 
 def test_training_guard():
     assert EVAL_ONLY == {"math500", "humaneval", "mtbench"}
-    assert set(TRAIN_SETS) == {"gsm8k", "mbpp", "math", "naturalqs", "squad", "summarize"}
+    assert set(TRAIN_SETS) == {"gsm8k", "mbpp", "math", "naturalqs", "squad", "summarize", "mbpp_complete", "explain",
+                               "rewrite"}
     check_training_sets(["gsm8k", "mbpp"])
     with pytest.raises(UserError, match="math500 are evaluation-only"):
         check_training_sets(["gsm8k", "math500"])
