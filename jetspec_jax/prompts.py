@@ -71,11 +71,15 @@ def _naturalqs(record: dict) -> str:
     return q[:1].upper() + q[1:] + ("" if q.endswith(("?", ".")) else "?")
 
 
+def _squad_passage(query: str) -> str:
+    # The harness's query is "Title: ...\nBackground: <passage>\nQuestion: <q>\nAnswer:".
+    return query.split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0].strip()
+
+
 def _squad(record: dict) -> str:
-    # The harness's query is "Title: ...\nBackground: <passage>\nQuestion: <q>\nAnswer:"; asked as a chat
-    # user would ask it, so that the answer quotes the passage (what prompt lookup drafts from).
+    # Asked as a chat user would ask it, so that the answer quotes the passage (what prompt lookup drafts from).
     query = record["doc"]["query"]
-    passage = query.split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0].strip()
+    passage = _squad_passage(query)
     question = query.rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer:").strip()
     return f"Read the passage and answer the question.\n\nPassage: {passage}\n\nQuestion: {question}"
 
@@ -139,10 +143,7 @@ def _rewrite(record: dict) -> str:
     # Writing and extraction tasks (MT-Bench's writing, extraction and roleplay kind of answer) over the
     # passages of SQuAD and DROP; the task is chosen by a hash of the passage, so each passage is asked once.
     doc = record["doc"]
-    if "passage" in doc:  # DROP
-        passage = doc["passage"].strip()
-    else:  # SQuAD: "Title: ...\nBackground: <passage>\nQuestion: <q>\nAnswer:"
-        passage = doc["query"].split("\nBackground: ", 1)[1].rsplit("\nQuestion: ", 1)[0].strip()
+    passage = doc["passage"].strip() if "passage" in doc else _squad_passage(doc["query"])  # DROP, or SQuAD
     task = REWRITE_TASKS[zlib.crc32(passage.encode()) % len(REWRITE_TASKS)]
     return f"{task}\n\n{passage}"
 

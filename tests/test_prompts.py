@@ -53,7 +53,7 @@ def test_code_prompts_are_instructions():
                                   "def remove_Occ(s,ch):\n    \"\"\" Write a python function to remove first")
     assert complete[0].count(">>> remove_Occ(") == 3 and "\n    'heo'\n" in complete[0]
     assert sum(t.count(">>> ") >= 3 for t in complete) == len(complete)
-    assert any("\nimport " in t or "```python\nimport " in t or "```python\nfrom " in t for t in complete)
+    assert any("```python\nimport " in t or "```python\nfrom " in t for t in complete)  # imports come first
     humaneval = load_prompts("humaneval")[0]
     assert humaneval.startswith("Write a Python function `has_close_elements`")
     assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in humaneval

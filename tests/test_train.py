@@ -428,10 +428,11 @@ def _write_yaml(path, raw):
     return str(path)
 
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))  # configs/ablation/ too
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))  # configs/ablation/ too
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem if p.parent.name == "configs" else f"{p.parent.name}/{p.stem}" for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIGS])
 def test_shipped_configs_are_valid(path):
     from jetspec_jax.train.config import read_config
 
