@@ -50,7 +50,12 @@ def _int_list(text, low: int = 1):
 
 
 def _lookup_list(text):
-    return list(dict.fromkeys(_int_list(text, low=0)))
+    from jetspec_jax.tree import parse_lookup
+
+    try:
+        return list(dict.fromkeys(parse_lookup(x) for x in text.split(",") if x.strip()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _name_list(choices):
@@ -84,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=4, help="tree width W (top-W per depth)")
     p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first")
     p.add_argument("--lookup", type=_lookup_list, default=[0],
-                   help="prompt-lookup nodes per tree, comma-separated (0: off); each tree of the "
-                        "sweep runs with each value, e.g. 0,2")
+                   help="prompt-lookup nodes per tree, comma-separated (0: off; 'all': every node "
+                        "but the root); each tree of the sweep runs with each value that fits, e.g. 0,2,all")
     p.add_argument("--peers", type=_name_list(PEER_NAMES), default=list(PEER_NAMES),
                    help="hf, dflash or none: other implementations timed on the same ids")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -122,13 +127,18 @@ def load_head(args, model, notes):
 def sweep_configs(args, target, head_cfg) -> list:
     """[(label, mode, budget, DecodeConfig)]: ar first, then the budget sweep."""
     from jetspec_jax.step import DecodeConfig
-    from jetspec_jax.tree import TreeConfig
+    from jetspec_jax.tree import TreeConfig, lookup_nodes
 
     out = [("ar", "ar", 1, DecodeConfig(target=target))]
     if head_cfg is None:
         return out
     depth = head_cfg.block_size - 1
-    for budget, lookup in itertools.product(dict.fromkeys(args.budgets), args.lookup):
+    seen = set()
+    for budget, option in itertools.product(dict.fromkeys(args.budgets), args.lookup):
+        lookup = lookup_nodes(option, depth + 1 if budget == 1 else budget, depth)
+        if (budget, lookup) in seen:  # 'all' may name a count also asked for
+            continue
+        seen.add((budget, lookup))
         tag = f" lookup={lookup}" if lookup else ""
         try:
             if budget == 1 and "chain" in args.modes:

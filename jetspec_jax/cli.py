@@ -39,6 +39,15 @@ DEFAULT_LOOKUP = {"cpu": 2, "gpu": 0}
 DEFAULT_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
 
 
+def _lookup_option(text):
+    from jetspec_jax.tree import parse_lookup
+
+    try:
+        return parse_lookup(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _platform() -> str:
     import jax
 
@@ -70,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         % (DEFAULT_BUDGET["cpu"], DEFAULT_BUDGET["gpu"]))
     p.add_argument("--width", type=int, default=None, help="tree width W (top-W per depth)")
     p.add_argument("--depth", type=int, default=None, help="tree depth D (<= block size - 1)")
-    p.add_argument("--lookup", type=int, default=None,
+    p.add_argument("--lookup", type=_lookup_option, default=None,
                    help="tree nodes given to a prompt-lookup branch (text copied from earlier in the "
-                        "prompt or answer), out of the budget; 0: off (default: %d on CPU, %d on GPU)"
+                        "prompt or answer) when it finds a match, out of the budget; 'all': every "
+                        "node but the root; 0: off (default: %s on CPU, %s on GPU)"
                         % (DEFAULT_LOOKUP["cpu"], DEFAULT_LOOKUP["gpu"]))
     p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first",
                    help="best_first: the N-1 most likely nodes; top2gap: fan-out shrinks where the "
@@ -154,7 +164,7 @@ def encode_request(obj, tokenizer, where) -> list:
 def decode_config(args, model, head):
     """The static DecodeConfig the options describe."""
     from jetspec_jax.step import DecodeConfig
-    from jetspec_jax.tree import TreeConfig
+    from jetspec_jax.tree import TreeConfig, lookup_nodes
 
     mode = args.mode or ("tree" if head is not None else "ar")
     sample = args.temperature > 0
@@ -170,11 +180,12 @@ def decode_config(args, model, head):
     lookup = args.lookup if args.lookup is not None else DEFAULT_LOOKUP[_platform()]
     try:
         if mode == "chain":  # the head's own chain: the measured lookup default is for trees
-            lookup = 0 if args.lookup is None else lookup
+            lookup = 0 if args.lookup is None else lookup_nodes(lookup, depth + 1, depth)
             tree = TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain", lookup=lookup)
         else:
             budget = args.budget if args.budget is not None else default_budget()
             width = args.width if args.width is not None else 4
+            lookup = lookup_nodes(lookup, budget, depth)
             lookup = min(lookup, budget - 1, depth) if args.lookup is None else lookup  # a default never errors
             tree = TreeConfig(budget=budget, width=width, depth=depth,
                               kind=args.tree_kind, lookup=lookup)

@@ -197,14 +197,10 @@ def tree_from_logits(params, state: DecodeState, logits, config: DecodeConfig) -
     branch when `config.tree.lookup` > 0; tokens are target ids."""
     # A reduced-vocabulary head's logit column v is target id d2t[v].
     column_ids = None if config.head.draft_vocab_size is None else params["head"]["d2t"]
-    forced = None
-    if config.tree.lookup:  # a continuation copied from the text so far, else the head's greedy chain
-        found, copied = lookup_continuations(state.history, state.target_cache.lengths, config.tree.lookup)
-        greedy = jnp.argmax(logits[:, : config.tree.lookup], axis=-1).astype(jnp.int32)
-        if column_ids is not None:
-            greedy = jnp.take(column_ids, greedy).astype(jnp.int32)
-        forced = jnp.where(found[:, None], copied, greedy)
-    return build_tree(state.root, logits, config.tree, forced, column_ids)
+    forced = found = None
+    if config.tree.lookup:  # a continuation copied from the text so far; rows without one: the head's own tree
+        found, forced = lookup_continuations(state.history, state.target_cache.lengths, config.tree.lookup)
+    return build_tree(state.root, logits, config.tree, forced, column_ids, found)
 
 
 def target_tokens(logits, state: DecodeState, config: DecodeConfig):

@@ -50,7 +50,9 @@ search is exact.
 "chain" is width 1: the path of each depth's argmax (DFlash-style linear block), first N-1 depths.
 
 Forced path (prompt lookup, `lookup = L`): a chain of L given tokens p_1..p_L (see lookup.py)
-takes nodes 1..L (root -> p_1 -> ... -> p_L); the head's nodes fill the other N-1-L slots. A head
+takes nodes 1..L (root -> p_1 -> ... -> p_L); the head's nodes fill the other N-1-L slots. A row
+whose lookup found nothing (`found` False) gets the head's own best N-1 nodes instead, exactly
+the tree of `lookup = 0`: its nodes are not spent on a guess the head did not make. A head
 node whose path spells a prefix of the forced path is already in the tree, so it is not chosen
 again (siblings stay distinct, which sampling needs), but its children are: their parent becomes
 the forced node of the same depth. The head's nodes are then the best N-1-L of the others, an
@@ -123,6 +125,25 @@ class TreeConfig:
         return cls(budget=depth + 1, width=1, depth=depth, kind="chain")
 
 
+LOOKUP_ALL = "all"  # every node but the root goes to the lookup chain (rows with a match)
+
+
+def parse_lookup(text) -> int | str:
+    """A lookup option: a number of nodes >= 0, or 'all' (see `lookup_nodes`)."""
+    text = str(text).strip()
+    if text == LOOKUP_ALL:
+        return LOOKUP_ALL
+    if not text.isdigit():
+        raise ValueError(f"lookup must be a non-negative integer or '{LOOKUP_ALL}', got {text!r}")
+    return int(text)
+
+
+def lookup_nodes(lookup: int | str, budget: int, depth: int) -> int:
+    """The forced nodes of a lookup option in a tree of `budget` nodes and `depth` depths: 'all'
+    is every node but the root, as deep as the head drafts (min(N - 1, D)); a number is itself."""
+    return min(budget - 1, depth) if lookup == LOOKUP_ALL else int(lookup)
+
+
 @flax.struct.dataclass
 class Tree:
     """A draft tree per batch row. Node 0 is the root; parents come before children."""
@@ -135,13 +156,21 @@ class Tree:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def build_tree(root: jax.Array, draft_logits: jax.Array, cfg: TreeConfig, forced=None,
-               column_ids=None) -> Tree:
+               column_ids=None, found=None) -> Tree:
     """root (B,) int32, draft_logits (B, D, V) -> Tree with N = cfg.budget nodes per row.
 
     forced (B, L) int32 target ids, the forced chain when cfg.lookup = L > 0 (None: the head's
-    own greedy chain stands in). column_ids (V,) int32: the target id of each logit column
-    (None: the column index itself).
+    own greedy chain stands in). found (B,) bool: which rows' forced chain is a real match; the
+    other rows get the head's own tree of N nodes, as with lookup 0 (None: every row is forced).
+    column_ids (V,) int32: the target id of each logit column (None: the column index itself).
     """
+    if cfg.lookup and found is not None:
+        if forced is None:
+            raise ValueError("found needs the forced chains it marks")
+        with_forced = build_tree(root, draft_logits, cfg, forced, column_ids)
+        head_only = build_tree(root, draft_logits, dataclasses.replace(cfg, lookup=0), None, column_ids)
+        pick = lambda a, b: jnp.where(found.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+        return jax.tree_util.tree_map(pick, with_forced, head_only)
     B, D, V = draft_logits.shape
     reach = min(cfg.depth, cfg.budget - 1)  # no node of N lies deeper than N - 1
     if not reach <= D <= cfg.depth:

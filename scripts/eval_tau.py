@@ -33,7 +33,7 @@ from jetspec_jax.loading import load_model
 from jetspec_jax.loading.head_io import load_head_dir
 from jetspec_jax.model import for_cpu_decoding
 from jetspec_jax.step import DecodeConfig
-from jetspec_jax.tree import TreeConfig
+from jetspec_jax.tree import TreeConfig, lookup_nodes, parse_lookup
 
 EVAL_SETS = ("math500", "humaneval", "mtbench")
 
@@ -50,15 +50,29 @@ def parse_args(argv):
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--lookup", default="0",
                    help="prompt-lookup nodes per tree, comma-separated: each head runs with each "
-                        "(named HEAD+lookupL when L > 0), e.g. 0,3")
+                        "(named HEAD+lookupL when L > 0), e.g. 0,3; 'all' = every node but the root "
+                        "(N-1; the chain's full depth); a budget too small for L is left out")
     p.add_argument("--out", default="docs/tau")
     return p.parse_args(argv)
 
 
-def tree_for(budget: int, depth: int, width: int, lookup: int = 0) -> TreeConfig:
+def tree_for(budget: int, depth: int, width: int, lookup: int | str = 0) -> TreeConfig | None:
+    """The tree of a budget (1 = the chain of the head's full depth) with `lookup` forced nodes
+    ('all': every node but the root); None when the budget cannot hold them."""
+    nodes = depth + 1 if budget == 1 else budget
+    lookup = lookup_nodes(lookup, nodes, depth)
+    if lookup >= nodes or lookup > depth:
+        return None
     if budget == 1:
-        return TreeConfig(budget=depth + 1, width=1, depth=depth, kind="chain", lookup=lookup)
-    return TreeConfig(budget, width, depth, lookup=min(lookup, budget - 1))
+        return TreeConfig(budget=nodes, width=1, depth=depth, kind="chain", lookup=lookup)
+    return TreeConfig(budget, width, depth, lookup=lookup)
+
+
+def parse_lookups(spec: str) -> list:
+    try:
+        return [parse_lookup(x) for x in spec.split(",") if x.strip()]
+    except ValueError as e:
+        raise UserError(f"--lookup: {e}") from None
 
 
 def evaluate(argv=None) -> int:
@@ -70,7 +84,7 @@ def evaluate(argv=None) -> int:
             raise UserError(f"--head wants NAME=DIR, got {spec!r}")
         head_cfg, head_params = load_head_dir(path)
         loaded = head_cfg, pack_linears(head_params)  # the CPU kernel's layout, as Runner decodes (same outputs)
-        for lookup in [int(x) for x in args.lookup.split(",")]:
+        for lookup in parse_lookups(args.lookup):
             heads[name if lookup == 0 else f"{name}+lookup{lookup}"] = (*loaded, lookup)
     model = load_model(args.model)
     target = for_cpu_decoding(model.config, model.params)
@@ -79,29 +93,31 @@ def evaluate(argv=None) -> int:
     budgets = [int(b) for b in args.budgets.split(",")]
     sets = prompt_sets_from_names(args.sets.split(","), model.tokenizer, args.num_prompts)
     rows, mismatches = [], []
-    bar = tqdm(total=len(sets) * (1 + len(heads) * len(budgets)), desc="tau", file=sys.stderr)
+    runs = [(h, b) for h, (cfg, _, lookup) in heads.items() for b in budgets
+            if tree_for(b, cfg.block_size - 1, args.width, lookup) is not None]
+    bar = tqdm(total=len(sets) * (1 + len(runs)), desc="tau", file=sys.stderr)
     for set_name, prompts in sets.items():
         ids = [p.ids for p in prompts]
         ar = generate({"target": target}, ids, DecodeConfig(target=model.config),
                       max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
         bar.update()
-        for head_name, (cfg, head_params, lookup) in heads.items():
+        for head_name, budget in runs:
+            cfg, head_params, lookup = heads[head_name]
             params = {"target": target, "head": head_params}
-            for budget in budgets:
-                config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width, lookup))
-                t0 = time.perf_counter()
-                out = generate(params, ids, config, max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
-                seconds = time.perf_counter() - t0
-                for p, g, ref in zip(prompts, out, ar):
-                    if g.ids != ref.ids:
-                        mismatches.append({"set": set_name, "prompt": p.index, "head": head_name, "budget": budget})
-                tokens, rounds = sum(len(g.ids) for g in out), sum(g.rounds for g in out)
-                rows.append({"set": set_name, "head": head_name, "budget": budget,
-                             "nodes": config.budget, "tau": tokens / rounds, "tokens": tokens,
-                             "rounds": rounds, "seconds_incl_compile": round(seconds, 2),
-                             "per_prompt_tau": [round(len(g.ids) / g.rounds, 3) for g in out]})
-                bar.set_postfix_str(f"{set_name} {head_name} N={budget} tau={tokens / rounds:.2f}")
-                bar.update()
+            config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width, lookup))
+            t0 = time.perf_counter()
+            out = generate(params, ids, config, max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
+            seconds = time.perf_counter() - t0
+            for p, g, ref in zip(prompts, out, ar):
+                if g.ids != ref.ids:
+                    mismatches.append({"set": set_name, "prompt": p.index, "head": head_name, "budget": budget})
+            tokens, rounds = sum(len(g.ids) for g in out), sum(g.rounds for g in out)
+            rows.append({"set": set_name, "head": head_name, "budget": budget,
+                         "nodes": config.budget, "tau": tokens / rounds, "tokens": tokens,
+                         "rounds": rounds, "seconds_incl_compile": round(seconds, 2),
+                         "per_prompt_tau": [round(len(g.ids) / g.rounds, 3) for g in out]})
+            bar.set_postfix_str(f"{set_name} {head_name} N={budget} tau={tokens / rounds:.2f}")
+            bar.update()
     bar.close()
     report = {
         "meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -126,7 +142,9 @@ def evaluate(argv=None) -> int:
 
 
 def _tau(report, set_name, head, budget):
-    return next(r["tau"] for r in report["rows"] if (r["set"], r["head"], r["budget"]) == (set_name, head, budget))
+    """tau of one run, None when that budget could not hold the head's lookup nodes."""
+    return next((r["tau"] for r in report["rows"] if (r["set"], r["head"], r["budget"]) == (set_name, head, budget)),
+                None)
 
 
 def markdown(report, budgets, heads, sets) -> str:
@@ -138,10 +156,14 @@ def markdown(report, budgets, heads, sets) -> str:
              "|---|---|" + "---|" * len(budgets)]
     for s in sets:
         for h in heads:
-            lines.append(f"| {s} | {h} | " + " | ".join(f"{_tau(report, s, h, b):.2f}" for b in budgets) + " |")
+            lines.append(f"| {s} | {h} | " + " | ".join(_cell(_tau(report, s, h, b)) for b in budgets) + " |")
     ok = "all equal to greedy AR" if not report["mismatches"] else f"{len(report['mismatches'])} MISMATCHES"
     lines += ["", f"Outputs: {ok}.", ""]
     return "\n".join(lines)
+
+
+def _cell(tau) -> str:
+    return "-" if tau is None else f"{tau:.2f}"
 
 
 def plot(report, budgets, heads, sets, path) -> None:
@@ -153,7 +175,9 @@ def plot(report, budgets, heads, sets, path) -> None:
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.4), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], sets):
         for h in heads:
-            ax.plot(range(len(budgets)), [_tau(report, s, h, b) for b in budgets], marker="o", label=h)
+            taus = [_tau(report, s, h, b) for b in budgets]
+            ax.plot([i for i, t in enumerate(taus) if t is not None], [t for t in taus if t is not None],
+                    marker="o", label=h)
         ax.set_xticks(range(len(budgets)), ["chain" if b == 1 else str(b) for b in budgets])
         ax.set_title(s)
         ax.set_xlabel("budget (nodes)")

@@ -9,9 +9,9 @@ greedy round would accept on the target's own stored answers (`jetspec_jax/train
 The validation split is the one training never reads (`features.is_validation`). A head must tap
 layers the cache holds. Prints a markdown table; --json writes the numbers.
 
-    --lookup L   also trees of the same budgets in which L nodes are a prompt-lookup chain (as
-                 `--lookup` decodes: the continuation of the latest earlier n-gram of the prompt and
-                 answer up to the anchor, else the head's greedy chain)
+    --lookup L   also trees of the same budgets in which L nodes ('all': N-1) are a prompt-lookup chain (as
+                 `--lookup` decodes: the continuation of the earlier text sharing the longest suffix with the prompt and
+                 answer up to the anchor; where nothing matches, the head's own tree of N nodes)
     --by-set     one row per prompt set of the split as well (squad and summarize answers quote
                  their passage; MT-Bench-like prose is naturalqs, squad and summarize)
 """
@@ -33,12 +33,20 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="training config with a features section")
     p.add_argument("--head", action="append", required=True, metavar="NAME=DIR")
     p.add_argument("--max-sequences", type=int, default=None, help="first K validation sequences")
-    p.add_argument("--lookup", type=int, default=0, metavar="L", help="also trees with L prompt-lookup nodes")
+    p.add_argument("--lookup", default="0", metavar="L",
+                   help="also trees with L prompt-lookup nodes ('all': every node but the root)")
     p.add_argument("--by-set", action="store_true", help="also a row per prompt set")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    if not 0 <= args.lookup < 4:
-        print("error: --lookup must be in [0, 3] (below the smallest budget, 4)", file=sys.stderr)
+    from jetspec_jax.tree import parse_lookup
+
+    try:
+        args.lookup = parse_lookup(args.lookup)
+    except ValueError as e:
+        print(f"error: --lookup: {e}", file=sys.stderr)
+        return 2
+    if args.lookup != "all" and args.lookup >= 4:
+        print("error: --lookup must be in [0, 3] (below the smallest budget, 4) or 'all'", file=sys.stderr)
         return 2
     try:
         rows = run(args)

@@ -108,6 +108,7 @@ def test_without_a_head_only_ar_runs(target_and_head, tmp_path, capsys):
     (["--peers", "vllm"], "unknown 'vllm'"),
     (["--modes", "chain", "--budgets", "8"], "leaves nothing to run"),
     (["--prompt-ids-file", "/nonexistent.jsonl"], "cannot read --prompt-ids-file"),
+    (["--lookup", "2,most"], "non-negative integer or 'all'"),
 ])
 def test_bad_options_are_one_error_line(target_and_head, tmp_path, capsys, args, message):
     target, head = target_and_head
@@ -165,3 +166,18 @@ def test_batch_sizes(target_and_head, tmp_path):
         assert run_["vs_batch_1"] == round(run_["tokens_per_second"] / one["tokens_per_second"], 3)
     md = (out / "report.md").read_text()
     assert "## Batch size" in md and "| chain |" in md.split("## Batch size")[1]
+
+
+def test_lookup_all_takes_every_node_but_the_root():
+    """'all' resolves per budget (N-1, at most the head's depth) and a count it repeats runs once."""
+    from jetspec_jax.bench import build_parser, sweep_configs
+    from jetspec_jax.config import ModelConfig
+    from jetspec_jax.head import HeadConfig
+
+    target = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=8, intermediate_size=64)
+    head = HeadConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=64, vocab_size=64, num_target_layers=2, mask_token_id=63, block_size=8)
+    args = build_parser().parse_args(["--budgets", "4,16", "--lookup", "3,all", "--modes", "ar,tree"])
+    got = [(label, config.tree.lookup) for label, _, _, config in sweep_configs(args, target, head)[1:]]
+    assert got == [("tree N=4 lookup=3", 3), ("tree N=16 lookup=3", 3), ("tree N=16 lookup=7", 7)]

@@ -215,16 +215,12 @@ def test_accepted_depth_matches_brute_force():
 
 
 def _host_lookup(history, c, length):
-    """Brute force of lookup.py: the latest earlier occurrence of the last 3 (else 2) tokens ending
-    at c, and the `length` tokens that followed it (repeating its period when they reach c)."""
-    for n in (3, 2):
-        if c < n - 1:
-            continue
-        suffix = list(history[c - n + 1 : c + 1])
-        for j in range(c - 1, n - 2, -1):
-            if list(history[j - n + 1 : j + 1]) == suffix:
-                return [int(history[j + 1 + k % (c - j)]) for k in range(length)]
-    return None
+    """Brute force of lookup.py (tests/test_lookup.py's host search): the continuation, or None."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_lookup import host_lookup
+
+    found, cont = host_lookup(history, c, length)
+    return [int(t) for t in cont] if found else None
 
 
 def _host_walk(tokens, parents, labels):
@@ -239,7 +235,8 @@ def _host_walk(tokens, parents, labels):
 
 def test_validation_with_lookup_matches_a_host_walk(trained, cache, target):
     """Per-sequence accepted tokens of trees with and without a prompt-lookup chain, against a host
-    n-gram search and a host walk of each tree; per-set groups add up to the whole split."""
+    n-gram search and a host walk of each tree (an anchor where the search finds nothing gets the
+    lookup-0 tree); per-set groups add up to the whole split."""
     from jetspec_jax.train.validate import anchor_logits, validate, validation_counts
 
     cfg, (head_cfg, params) = trained
@@ -265,9 +262,9 @@ def test_validation_with_lookup_matches_a_host_walk(trained, cache, target):
                 continue
             b, j = divmod(r, a)
             c = int(anchors[b, j])  # the root's position
-            copied = _host_lookup(tokens[b], c, 2)
-            forced = copied if copied is not None else d2t[np.argmax(logits[r, :2], -1)].tolist()
-            for suffix, lookup in (("", 0), ("_lookup", 2)):
+            copied = _host_lookup(tokens[b], c, 2)  # no match: the head's own tree, as lookup 0
+            for suffix, lookup in (("", 0), ("_lookup", 2 if copied is not None else 0)):
+                forced = copied
                 tree = build_tree(jnp.array([tokens[b, c]]), jnp.asarray(logits[r : r + 1, :depth]),
                                   TreeConfig(budget=n, width=4, depth=depth, lookup=lookup),
                                   jnp.array([forced]) if lookup else None, jnp.asarray(d2t))
@@ -401,6 +398,18 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
     assert "tau N=8 +2 lookup" in table[0] and [r.split(" | ")[1] for r in table[2:]] == ["all", "s"]
     got = json.loads(out_json.read_text())[0]["val"]
     assert got["all"] == got["s"] and got["all"]["tau_8_lookup"] >= 1.0
+    assert val_heads.main(["--config", config, "--head", f"new={tmp_path / 'out' / 'head'}", "--lookup", "all",
+                           "--json", str(out_json)]) == 0  # N-1 lookup nodes at every budget
+    assert "tau N=16 +all lookup" in capsys.readouterr().out.splitlines()[0]
+    assert json.loads(out_json.read_text())[0]["val"]["all"]["tau_16_lookup"] >= 1.0
+    assert val_heads.main(["--config", config, "--head", f"new={tmp_path / 'out' / 'head'}", "--lookup", "5"]) == 2
+    assert capsys.readouterr().err.startswith("error: --lookup must be")
+    import lookup_rules  # the match rules compared on the same split: every (N, lookup, rule) row, lookup 0 once
+
+    assert lookup_rules.main(["--config", config, "--head", str(tmp_path / "out" / "head"), "--budgets", "4"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split(" | ")[1:3] for r in rows] == [["0", "-"], ["2", "latest-3/2"], ["2", "longest"],
+                                                   ["3", "latest-3/2"], ["3", "longest"]]
 
     for change, expected in ((("head", "target_layer_ids", [0, 1, 2]), "are not in features.taps"),
                              (("train", "max_length", 128), "exceeds features.max_length"),

@@ -174,6 +174,13 @@ def test_default_tree_budget_follows_the_backend():
     assert chain.tree.kind == "chain" and chain.tree.lookup == 0  # a chain drafts with the head alone
     with pytest.raises(UserError, match="lookup 4 must be below the budget 4"):
         decode_config(build_parser().parse_args(["hi", "--lookup", "4"]), model, (head, None))
+    # 'all': every node but the root, as deep as the head drafts (this head: block 16, depth 15)
+    every = decode_config(build_parser().parse_args(["hi", "--budget", "8", "--lookup", "all"]), model, (head, None))
+    assert every.tree.budget == 8 and every.tree.lookup == 7
+    deep = decode_config(build_parser().parse_args(["hi", "--budget", "32", "--lookup", "all"]), model, (head, None))
+    assert deep.tree.lookup == head.block_size - 1 == 15
+    with pytest.raises(UserError, match="non-negative integer or 'all'"):
+        build_parser().parse_args(["hi", "--lookup", "most"])
     from jetspec_jax.cli import resolved_dtype
 
     assert build_parser().parse_args(["hi"]).dtype == "auto"

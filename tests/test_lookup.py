@@ -13,26 +13,22 @@ import numpy as np
 import pytest
 
 from jetspec_jax.decode import generate
-from jetspec_jax.lookup import NGRAM_SIZES, lookup_continuations
+from jetspec_jax.lookup import lookup_continuations
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig, build_tree
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+from lookup_rules import longest_suffix  # noqa: E402
 from test_tree import assert_structure, host_per_depth, near_tie  # noqa: E402
 
 
 def host_lookup(history, c, length):
-    """Latest earlier occurrence of the last n tokens (longest n first); its continuation,
-    repeating the period where it runs into the root."""
-    for n in NGRAM_SIZES:
-        if c < n - 1:
-            continue
-        suffix = list(history[c - n + 1 : c + 1])
-        for j in range(c - 1, n - 2, -1):
-            if list(history[j - n + 1 : j + 1]) == suffix:
-                period = c - j
-                return True, [history[j + 1 + k % period] for k in range(length)]
-    return False, None
+    """The host search of scripts/lookup_rules.py (the earlier occurrence sharing the longest
+    suffix, up to MAX_MATCH tokens, at least MIN_MATCH, the latest of equally long ones; its
+    continuation, repeating the period where it runs into the root) -> (found, continuation)."""
+    cont = longest_suffix(list(history), c, length)
+    return cont is not None, cont
 
 
 def test_lookup_matches_host_search():
@@ -47,6 +43,18 @@ def test_lookup_matches_host_search():
         assert bool(found[r]) == want_found, r
         if want_found:
             assert cont[r].tolist() == want, r
+
+
+def test_the_longest_shared_suffix_wins_over_the_latest():
+    # "0 1 2 3" ends at 3 (4 tokens shared with the text before the root), "1 2 3" at 8 (3 shared)
+    history = jnp.array([[0, 1, 2, 3, 8, 9, 1, 2, 3, 7, 0, 1, 2, 3, 0, 0]], jnp.int32)
+    found, cont = jax.device_get(lookup_continuations(history, jnp.array([13]), 4))
+    assert bool(found[0]) and cont[0].tolist() == [8, 9, 1, 2]
+    # a 1-token match is not enough; nothing before the first token
+    found, _ = jax.device_get(lookup_continuations(jnp.array([[4, 5, 6, 4, 0]], jnp.int32), jnp.array([3]), 2))
+    assert not bool(found[0])
+    found, _ = jax.device_get(lookup_continuations(jnp.array([[4, 4, 4]], jnp.int32), jnp.array([0]), 2))
+    assert not bool(found[0])
 
 
 def host_forced_tree(logits, forced, cfg):
@@ -98,6 +106,30 @@ def test_forced_branch_joins_the_best_head_nodes(n, w, d, lookup):
             for p in set(got) - set(score):
                 s = sum(top_lp[e, list(order[e]).index(t)] for e, t in enumerate(p))
                 assert abs(s - worst) <= near_tie(worst, d), (r, p)
+
+
+@pytest.mark.parametrize("kind,w", [("best_first", 3), ("chain", 1)])
+def test_rows_without_a_match_keep_the_head_tree(kind, w):
+    """found=False rows get exactly the lookup-0 tree of the same budget; found=True rows exactly
+    the forced tree (both built separately here, row by row)."""
+    rng = np.random.default_rng(11)
+    rows, d, vocab, n, lookup = 6, 5, 16, 6, 3
+    logits = jnp.asarray(rng.normal(size=(rows, d, vocab)).astype(np.float32))
+    forced = jnp.asarray(rng.integers(0, vocab, size=(rows, lookup)).astype(np.int32))
+    found = jnp.array([True, False, True, False, False, True])
+    roots = jnp.arange(rows, dtype=jnp.int32)
+    cfg = TreeConfig(budget=n, width=w, depth=d, kind=kind, lookup=lookup)
+    got = jax.device_get(build_tree(roots, logits, cfg, forced, None, found))
+    with_forced = jax.device_get(build_tree(roots, logits, cfg, forced))
+    head_only = jax.device_get(build_tree(roots, logits, TreeConfig(budget=n, width=w, depth=d, kind=kind)))
+    for r in range(rows):
+        want = with_forced if bool(found[r]) else head_only
+        for field in ("tokens", "parents", "depths", "mask"):
+            np.testing.assert_array_equal(getattr(got, field)[r], getattr(want, field)[r])
+        if not bool(found[r]):  # the forced tokens are not spent where nothing matched
+            assert not np.array_equal(got.tokens[r, 1 : lookup + 1], np.asarray(forced[r]))
+    with pytest.raises(ValueError, match="found needs"):
+        build_tree(roots, logits, cfg, None, None, found)
 
 
 def test_chain_with_lookup_is_a_valid_tree():

@@ -23,7 +23,7 @@ import numpy as np
 from jetspec_jax.lookup import lookup_continuations
 from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.train.objective import ObjectiveConfig, anchor_hidden, sample_anchors
-from jetspec_jax.tree import TreeConfig, build_tree
+from jetspec_jax.tree import TreeConfig, build_tree, lookup_nodes
 
 VAL_BUDGETS = (4, 8, 16)  # trees verified per round on CPU (see docs/bench)
 VAL_WIDTH = 4
@@ -66,8 +66,9 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
                       cfg: ObjectiveConfig, budgets: tuple, lookup: int = 0):
     """Per-sequence sums over its valid anchors, each (B,): {"anchors", "hit1" (depth-1 top-1
     hits), "chain" (accepted tokens of the full-depth chain), "tree_N" for each N in budgets, and
-    with lookup = L > 0 "tree_N_lookup" (L of the N nodes a prompt-lookup chain, as decoding
-    builds it from the prompt and answer up to the anchor; see lookup.py)}."""
+    with lookup = L > 0 (or 'all': N-1) "tree_N_lookup" (L of the N nodes a prompt-lookup chain
+    where one is found, as decoding builds it from the prompt and answer up to the anchor; see
+    lookup.py)}."""
     b = tokens.shape[0]
     anchors, counted, logits, labels = anchor_logits(head_params, target_params, tokens, lengths, prompt_lens,
                                                      features, vocab, cfg)
@@ -81,15 +82,16 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
     roots = jnp.take_along_axis(tokens, anchors, axis=1).reshape(-1)
     if lookup:  # what decoding's history holds at this round: the sequence up to the root (no later token is read)
         history = jnp.repeat(tokens, num_anchors, axis=0)  # (R, L)
-        found, copied = lookup_continuations(history, anchors.reshape(-1), lookup)
-        greedy = to_target(jnp.argmax(logits[:, :lookup], axis=-1)).astype(jnp.int32)
-        forced = jnp.where(found[:, None], copied, greedy)
+        longest = max(lookup_nodes(lookup, n, min(labels.shape[1], n - 1)) for n in budgets)
+        found, forced = lookup_continuations(history, anchors.reshape(-1), max(longest, 1))
     for n in budgets:
         depth = min(labels.shape[1], n - 1)
-        variants = [("", 0)] + ([("_lookup", lookup)] if 0 < lookup < n and lookup <= depth else [])
+        nodes = lookup_nodes(lookup, n, depth) if lookup else 0
+        variants = [("", 0)] + ([("_lookup", nodes)] if 0 < nodes < n and nodes <= depth else [])
         for suffix, forced_nodes in variants:
             tree_cfg = TreeConfig(budget=n, width=VAL_WIDTH, depth=depth, lookup=forced_nodes)
-            tree = build_tree(roots, logits[:, :depth], tree_cfg, forced if forced_nodes else None, column_ids)
+            tree = build_tree(roots, logits[:, :depth], tree_cfg, forced[:, :forced_nodes] if forced_nodes else None,
+                              column_ids, found if forced_nodes else None)
             out[f"tree_{n}{suffix}"] = per_seq(accepted_depth(tree.tokens, tree.depths, tree.mask, labels))
     return out
 
