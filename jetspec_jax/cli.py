@@ -30,11 +30,15 @@ class _Parser(argparse.ArgumentParser):
 # AR, N=4 with 2 lookup nodes 1.15x (1.22x in docs/bench the same hour), N=4 with 3 1.18x, N=3 with 2
 # 1.17x: within the run-to-run noise, so the default stays; 2026-12-06 23:52 UTC with the packed weight
 # layout and the stage-11 head (docs/bench/report.md), budgets 4, 6, 8 x lookup 0, 2: N=4 with 2 lookup
-# nodes 1.51x AR, the fastest (N=8 with 2: 1.45x, N=6 with 2: 1.42x, without lookup 1.30-1.37x). On a
-# GPU verifying N tokens costs about one token's forward up to large N, hence 32 there (no GPU
-# measurement yet, and lookup stays off on GPU until one).
+# nodes 1.51x AR, the fastest (N=8 with 2: 1.45x, N=6 with 2: 1.42x, without lookup 1.30-1.37x);
+# 2026-12-07 09:25 UTC with the stage-12 head and the longest-match lookup that gives rows without a
+# match the head's whole tree (docs/bench/report.md), budgets 4, 8, 16 x lookup 0, 2, all: N=4 with
+# all (= 3) nodes 1.53x AR, the fastest (N=4 with 2: 1.50x, N=8 with all (= 7): 1.45x, the best on
+# MATH-500 at 1.87x; N=16: 0.64-0.80x, verifying 16 nodes costs ~2 AR steps here). On a GPU verifying
+# N tokens costs about one token's forward up to large N, hence 32 there (no GPU measurement yet, and
+# lookup stays off on GPU until one).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
-DEFAULT_LOOKUP = {"cpu": 2, "gpu": 0}
+DEFAULT_LOOKUP = {"cpu": "all", "gpu": 0}
 # bf16 matmuls are 10-20x slower than f32 on XLA:CPU (DESIGN.md section 6); GPUs read half the bytes.
 DEFAULT_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}
 

@@ -164,7 +164,7 @@ def test_default_tree_budget_follows_the_backend():
     model = types.SimpleNamespace(config=target)
     config = decode_config(build_parser().parse_args(["hi"]), model, (head, None))
     assert config.tree.budget == DEFAULT_BUDGET["cpu"] == 4 and config.tree.width == 4
-    assert config.tree.lookup == DEFAULT_LOOKUP["cpu"] == 2
+    assert DEFAULT_LOOKUP["cpu"] == "all" and config.tree.lookup == 3  # every node but the root
     config = decode_config(build_parser().parse_args(["hi", "--budget", "9"]), model, (head, None))
     assert config.tree.budget == 9
     # the default lookup shrinks to fit a small tree; an explicit one that does not fit is an error

@@ -130,11 +130,13 @@ def test_reduced_vocabulary_head_samples_exactly(params):
     assert chi_square_p(counts, exact_distribution(params, 1.0, 0, 1.0)) > 1e-3
 
 
-def test_prompt_lookup_samples_exactly(params):
+@pytest.mark.parametrize("lookup", [2, 3])
+def test_prompt_lookup_samples_exactly(params, lookup):
     """A prompt that repeats itself, so the lookup branch ("2 1 4" after "1 4") is proposed and
-    often accepted next to the head's nodes."""
+    often accepted next to the head's nodes; with 3 (= 'all' at this depth) it takes every node
+    it can where it matches, and the rounds where nothing matches draft the head's own tree."""
     prompt = [1, 4, 2, 1, 4]
-    tree = TreeConfig(budget=8, width=3, depth=3, lookup=2)
+    tree = TreeConfig(budget=8, width=3, depth=3, lookup=lookup)
     counts, first_round = sampled_counts(params, 1.0, 0, 1.0, prompt=prompt, tree=tree)
     assert np.mean(first_round > 1) > 0.2
     assert chi_square_p(counts, exact_distribution(params, 1.0, 0, 1.0, prompt=prompt)) > 1e-3
