@@ -35,7 +35,7 @@ def _longest_match(history, c):
     (j < c) sharing the longest suffix with history[.. c], the latest among equally long ones)."""
     s = history.shape[0]
     pos = jnp.arange(s)
-    run = (pos < c)  # still matching at every offset so far
+    run = pos < c  # still matching at every offset so far
     length = jnp.zeros((s,), jnp.int32)
     for k in range(MAX_MATCH):  # offset k: history[j - k] == history[c - k]
         shifted = jnp.roll(history, k)  # shifted[j] = history[j - k] (wraps: masked by j >= k)
