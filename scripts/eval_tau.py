@@ -93,18 +93,18 @@ def evaluate(argv=None) -> int:
     budgets = [int(b) for b in args.budgets.split(",")]
     sets = prompt_sets_from_names(args.sets.split(","), model.tokenizer, args.num_prompts)
     rows, mismatches = [], []
-    runs = [(h, b) for h, (cfg, _, lookup) in heads.items() for b in budgets
-            if tree_for(b, cfg.block_size - 1, args.width, lookup) is not None]
+    runs = [(h, b, tree) for h, (cfg, _, lookup) in heads.items() for b in budgets
+            if (tree := tree_for(b, cfg.block_size - 1, args.width, lookup)) is not None]
     bar = tqdm(total=len(sets) * (1 + len(runs)), desc="tau", file=sys.stderr)
     for set_name, prompts in sets.items():
         ids = [p.ids for p in prompts]
         ar = generate({"target": target}, ids, DecodeConfig(target=model.config),
                       max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
         bar.update()
-        for head_name, budget in runs:
-            cfg, head_params, lookup = heads[head_name]
+        for head_name, budget, tree in runs:
+            cfg, head_params, _ = heads[head_name]
             params = {"target": target, "head": head_params}
-            config = DecodeConfig(model.config, cfg, tree_for(budget, cfg.block_size - 1, args.width, lookup))
+            config = DecodeConfig(model.config, cfg, tree)
             t0 = time.perf_counter()
             out = generate(params, ids, config, max_new_tokens=args.max_new_tokens, stop_ids=model.eos_ids)
             seconds = time.perf_counter() - t0
