@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup", type=_lookup_list, default=[0],
                    help="prompt-lookup nodes per tree, comma-separated (0: off; 'all': every node "
                         "but the root); each tree of the sweep runs with each value that fits, e.g. 0,2,all")
+    p.add_argument("--ngrams", type=_name_list(("on", "off")), default=["on"],
+                   help="with a head that ships an answer n-gram table: on (rows whose text has no "
+                        "match take the lookup branch from it, as decoding does), off, or on,off")
     p.add_argument("--peers", type=_name_list(PEER_NAMES), default=list(PEER_NAMES),
                    help="hf, dflash or none: other implementations timed on the same ids")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -139,16 +142,18 @@ def sweep_configs(args, target, head_cfg) -> list:
         if (budget, lookup) in seen:  # 'all' may name a count also asked for
             continue
         seen.add((budget, lookup))
-        tag = f" lookup={lookup}" if lookup else ""
-        try:
-            if budget == 1 and "chain" in args.modes:
-                tree = TreeConfig(depth + 1, 1, depth, kind="chain", lookup=lookup)
-                out.append((f"chain{tag}", "chain", depth + 1, DecodeConfig(target, head_cfg, tree)))
-            elif budget > 1 and "tree" in args.modes and lookup < budget:
-                tree = TreeConfig(budget, args.width, depth, kind=args.tree_kind, lookup=lookup)
-                out.append((f"tree N={budget}{tag}", "tree", budget, DecodeConfig(target, head_cfg, tree)))
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        for ngrams in args.ngrams if lookup and head_cfg.ngram_orders else ["on"]:
+            tag = (f" lookup={lookup}" if lookup else "") + (" ngrams=off" if ngrams == "off" else "")
+            head = head_cfg if ngrams == "on" else head_cfg.replace(ngram_orders=())  # table left unused
+            try:
+                if budget == 1 and "chain" in args.modes:
+                    tree = TreeConfig(depth + 1, 1, depth, kind="chain", lookup=lookup)
+                    out.append((f"chain{tag}", "chain", depth + 1, DecodeConfig(target, head, tree)))
+                elif budget > 1 and "tree" in args.modes and lookup < budget:
+                    tree = TreeConfig(budget, args.width, depth, kind=args.tree_kind, lookup=lookup)
+                    out.append((f"tree N={budget}{tag}", "tree", budget, DecodeConfig(target, head, tree)))
+            except ValueError as e:
+                raise UserError(str(e)) from None
     if len(out) == 1 and set(args.modes) - {"ar"}:
         raise UserError(f"--modes {','.join(args.modes)} with --budgets "
                         f"{','.join(map(str, args.budgets))} leaves nothing to run "
@@ -157,6 +162,8 @@ def sweep_configs(args, target, head_cfg) -> list:
 
 
 def _check(args):
+    if not args.ngrams:
+        raise UserError("--ngrams must name on, off or both")
     for name, low in (("num-prompts", 1), ("max-new-tokens", 1), ("width", 1), ("repeats", 1),
                       ("split-prompts", 0), ("torch-threads", 1)):
         value = getattr(args, name.replace("-", "_"))

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt or answer) when it finds a match, out of the budget; 'all': every "
                         "node but the root; 0: off (default: %s on CPU, %s on GPU)"
                         % (DEFAULT_LOOKUP["cpu"], DEFAULT_LOOKUP["gpu"]))
+    p.add_argument("--no-ngrams", action="store_true",
+                   help="rows whose text has no match leave the lookup branch to the head instead of "
+                        "the answer n-gram table shipped with the head (ngrams.safetensors)")
     p.add_argument("--tree-kind", choices=("best_first", "top2gap"), default="best_first",
                    help="best_first: the N-1 most likely nodes; top2gap: fan-out shrinks where the "
                         "draft is confident")
@@ -213,6 +216,7 @@ def load_head(args, model):
     from jetspec_jax.head import check_head_fits
     from jetspec_jax.loading.head_io import load_head_dir
     from jetspec_jax.loading.hub import local_or_snapshot
+    from jetspec_jax.ngrams import without_ngrams
 
     path = args.draft
     if path is None:
@@ -221,6 +225,8 @@ def load_head(args, model):
         return None
     cfg, params = load_head_dir(local_or_snapshot(path, "draft head"), dtype=args.dtype)
     check_head_fits(cfg, model.config)
+    if args.no_ngrams:
+        cfg, params = without_ngrams(cfg, params)
     return cfg, params
 
 
@@ -374,6 +380,7 @@ def config_name(config) -> str:
         return "ar"
     t = config.tree
     lookup = f" lookup={t.lookup}" if t.lookup else ""
+    lookup += "+ngrams" if t.lookup and config.head.ngram_orders else ""
     return f"{t.kind} N={t.budget} W={t.width} D={config.depth}{lookup}"  # the depth a round can reach
 
 

@@ -70,12 +70,16 @@ class HeadConfig:
     # K: the head drafts over a table of K target ids (params["d2t"], K,) instead of the whole
     # vocabulary, so its output projection costs K / vocab_size of the full one. None: all ids.
     draft_vocab_size: int | None = None
+    # Orders of the answer n-gram table shipped with the head (ngrams.py; params["ngram_keys"],
+    # params["ngram_next"]): the prompt-lookup branch of rows whose text has no match. (): none.
+    ngram_orders: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not self.target_layer_ids:
             ids = default_target_layer_ids(self.num_target_layers, self.num_layers)
             object.__setattr__(self, "target_layer_ids", ids)
         object.__setattr__(self, "target_layer_ids", tuple(int(i) for i in self.target_layer_ids))
+        object.__setattr__(self, "ngram_orders", tuple(sorted(int(n) for n in self.ngram_orders)))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

@@ -26,6 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jetspec_jax.ngrams import ngram_continuations
+
 MAX_MATCH = 16  # suffix tokens compared; longer shared suffixes count as this long
 MIN_MATCH = 2  # a 1-token match is mostly noise
 
@@ -60,3 +62,15 @@ def lookup_row(history, c, length: int):
 def lookup_continuations(history, root_pos, length: int):
     """history (B, S), root_pos (B,) -> found (B,) bool, continuations (B, length) int32."""
     return jax.vmap(lambda h, c: lookup_row(h, c, length))(history, root_pos)
+
+
+def branch_continuations(history, root_pos, length: int, head_params=None, orders: tuple = ()):
+    """The lookup branch of every row: the text's own continuation where it has a match, else, with
+    a head that ships an answer n-gram table (`orders` non-empty, `head_params["ngram_keys"]` and
+    `["ngram_next"]`), the table's chain (ngrams.py) -> found (B,) bool, continuations (B, length)."""
+    found, forced = lookup_continuations(history, root_pos, length)
+    if orders:
+        known, chain = ngram_continuations(head_params["ngram_keys"], head_params["ngram_next"], history,
+                                           root_pos, length, orders)
+        forced, found = jnp.where(found[:, None], forced, chain), found | known
+    return found, forced

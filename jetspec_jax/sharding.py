@@ -58,6 +58,8 @@ PARAM_AXES = {
     ("experts", "down_proj"): (None, "mlp", "embed"),  # (E, F, d)
     ("fc", "kernel"): ("features", "embed"),  # the head's tap projection, taps*d -> d
     ("d2t",): (None,),  # a reduced-vocabulary head's draft ids (K,) int32: replicated
+    ("ngram_keys",): (None,),  # the answer n-gram table (ngrams.py), (M,) int32 each: replicated
+    ("ngram_next",): (None,),
     ("input_norm", "scale"): ("embed",),
     ("post_attn_norm", "scale"): ("embed",),
     ("final_norm", "scale"): ("embed",),

@@ -32,6 +32,7 @@ from jetspec_jax.layers import pack_linears
 from jetspec_jax.loading import load_model
 from jetspec_jax.loading.head_io import load_head_dir
 from jetspec_jax.model import for_cpu_decoding
+from jetspec_jax.ngrams import without_ngrams
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig, lookup_nodes, parse_lookup
 
@@ -52,6 +53,10 @@ def parse_args(argv):
                    help="prompt-lookup nodes per tree, comma-separated: each head runs with each "
                         "(named HEAD+lookupL when L > 0), e.g. 0,3; 'all' = every node but the root "
                         "(N-1; the chain's full depth); a budget too small for L is left out")
+    p.add_argument("--ngrams", default="on",
+                   help="with a head that ships an answer n-gram table (ngrams.safetensors): 'on' (the "
+                        "lookup branch of rows without a match in the text comes from it, as decoding "
+                        "does), 'off' (named HEAD+lookupL-ngrams), or on,off")
     p.add_argument("--out", default="docs/tau")
     return p.parse_args(argv)
 
@@ -68,6 +73,13 @@ def tree_for(budget: int, depth: int, width: int, lookup: int | str = 0) -> Tree
     return TreeConfig(budget, width, depth, lookup=lookup)
 
 
+def parse_ngrams(spec: str) -> list:
+    values = list(dict.fromkeys(x.strip() for x in spec.split(",") if x.strip()))
+    if not values or set(values) - {"on", "off"}:
+        raise UserError(f"--ngrams must be on, off or on,off, got {spec!r}")
+    return values
+
+
 def parse_lookups(spec: str) -> list:
     try:
         return [parse_lookup(x) for x in spec.split(",") if x.strip()]
@@ -77,15 +89,19 @@ def parse_lookups(spec: str) -> list:
 
 def evaluate(argv=None) -> int:
     args = parse_args(argv)
+    parse_ngrams(args.ngrams)
     heads = {}
     for spec in args.head:
         name, _, path = spec.partition("=")
         if not path:
             raise UserError(f"--head wants NAME=DIR, got {spec!r}")
         head_cfg, head_params = load_head_dir(path)
-        loaded = head_cfg, pack_linears(head_params)  # the CPU kernel's layout, as Runner decodes (same outputs)
+        head_params = pack_linears(head_params)  # the CPU kernel's layout, as Runner decodes (same outputs)
         for lookup in parse_lookups(args.lookup):
-            heads[name if lookup == 0 else f"{name}+lookup{lookup}"] = (*loaded, lookup)
+            for ngrams in parse_ngrams(args.ngrams) if lookup and head_cfg.ngram_orders else ["on"]:
+                label = name if lookup == 0 else f"{name}+lookup{lookup}" + ("-ngrams" if ngrams == "off" else "")
+                cfg = head_cfg if ngrams == "on" else without_ngrams(head_cfg, {})[0]
+                heads[label] = (cfg, head_params, lookup)
     model = load_model(args.model)
     target = for_cpu_decoding(model.config, model.params)
     for cfg, _, _ in heads.values():

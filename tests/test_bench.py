@@ -181,3 +181,19 @@ def test_lookup_all_takes_every_node_but_the_root():
     args = build_parser().parse_args(["--budgets", "4,16", "--lookup", "3,all", "--modes", "ar,tree"])
     got = [(label, config.tree.lookup) for label, _, _, config in sweep_configs(args, target, head)[1:]]
     assert got == [("tree N=4 lookup=3", 3), ("tree N=16 lookup=3", 3), ("tree N=16 lookup=7", 7)]
+
+
+def test_ngrams_axis_only_where_a_table_and_a_lookup_branch_are():
+    from jetspec_jax.bench import build_parser, sweep_configs
+    from jetspec_jax.config import ModelConfig
+    from jetspec_jax.head import HeadConfig
+
+    target = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=8, intermediate_size=64)
+    head = HeadConfig(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                      vocab_size=64, num_target_layers=2, mask_token_id=63, block_size=8, ngram_orders=(4, 8))
+    args = build_parser().parse_args(["--budgets", "4", "--lookup", "0,all", "--modes", "ar,tree", "--ngrams", "on,off"])
+    got = [(label, config.head.ngram_orders) for label, _, _, config in sweep_configs(args, target, head)[1:]]
+    assert got == [("tree N=4", (4, 8)), ("tree N=4 lookup=3", (4, 8)), ("tree N=4 lookup=3 ngrams=off", ())]
+    bare = head.replace(ngram_orders=())  # no table: no axis
+    assert len(sweep_configs(args, target, bare)) == 3

@@ -27,3 +27,11 @@ def test_bad_lookup_values_are_user_errors():
     assert eval_tau.parse_lookups("0,2,all") == [0, 2, "all"]
     with pytest.raises(UserError, match="--lookup"):
         eval_tau.parse_lookups("2,-1")
+
+
+def test_ngrams_values():
+    assert eval_tau.parse_ngrams("on,off") == ["on", "off"]
+    assert eval_tau.parse_ngrams("off") == ["off"]
+    for bad in ("", "yes", "on,maybe"):
+        with pytest.raises(UserError, match="--ngrams"):
+            eval_tau.parse_ngrams(bad)

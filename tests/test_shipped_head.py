@@ -28,8 +28,10 @@ def test_registered_default_head_is_shipped_and_small():
     path = default_head_path("smollm2-135m")
     assert REGISTRY["smollm2-135m"].default_head is not None and path is not None
     files = {p.name: p.stat().st_size for p in Path(path).iterdir()}
-    assert set(files) == {"config.json", "model.safetensors"}
+    assert set(files) == {"config.json", "model.safetensors", "ngrams.safetensors"}
     assert sum(files.values()) <= 25 * 2**20
+    cfg, params = load_head_dir(path)
+    assert cfg.ngram_orders and params["ngram_keys"].shape == params["ngram_next"].shape
     config = json.loads((Path(path) / "config.json").read_text())
     assert config["is_causal"] is True and config["block_size"] == 16
 

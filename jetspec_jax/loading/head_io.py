@@ -49,7 +49,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from jetspec_jax import layout
+from jetspec_jax import layout, ngrams
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import HeadConfig, check_draft_vocab, init_head_params
 from jetspec_jax.loading.hf import rope_theta
@@ -318,11 +318,52 @@ def load_head_dir(path, dtype: str = "float32") -> tuple[HeadConfig, dict]:
     except UserError as e:
         raise UserError(f"{path / CONFIG_FILE}: {e}") from None
     params = _params_from_tensors(cfg, _read_tensors(path, jnp.dtype(dtype)), path)
+    table = _read_ngrams(path / ngrams.FILE, cfg.vocab_size)
+    if table is not None:
+        cfg = cfg.replace(ngram_orders=tuple(table["orders"].tolist()))
+        params = {**params, "ngram_keys": table["keys"], "ngram_next": table["next"]}
     return cfg, jax.device_put(jax.tree.map(np.ascontiguousarray, params))
+
+
+def _read_ngrams(file: Path, vocab_size: int) -> dict | None:
+    """The answer n-gram table shipped with a head (ngrams.py), None without one; one-line
+    UserError when it is unreadable or unusable (unsorted, ids outside the vocabulary, ...)."""
+    if not file.exists():
+        return None
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            table = {name: f.get_tensor(name) for name in f.keys()}
+        ngrams.check_table(table, vocab_size, str(file))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file}: unreadable safetensors ({str(e).splitlines()[0]})") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return {k: np.asarray(table[k], np.int32) for k in ("keys", "next", "orders")}
+
+
+def save_ngrams(path, table: dict, vocab_size: int) -> None:
+    """Write the n-gram table `table` (keys, next, orders) into the head directory `path`,
+    atomically (a temporary file renamed over the old one)."""
+    file = Path(path) / ngrams.FILE
+    try:
+        ngrams.check_table(table, vocab_size, str(file))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file({k: np.ascontiguousarray(np.asarray(table[k], np.int32)) for k in ("keys", "next", "orders")},
+              str(tmp))
+    os.replace(tmp, file)
 
 
 def _write(directory: Path, cfg: HeadConfig, params: dict) -> None:
     params = dict(params)
+    table = {"keys": params.pop("ngram_keys", None), "next": params.pop("ngram_next", None),
+             "orders": np.array(cfg.ngram_orders, np.int32)}
+    if (table["keys"] is None) != (not cfg.ngram_orders):
+        raise ValueError("a head with ngram_orders needs params['ngram_keys'] and only such a head has one")
+    if cfg.ngram_orders:
+        save_ngrams(directory, jax.device_get(table), cfg.vocab_size)
+        cfg = cfg.replace(ngram_orders=())
     d2t = params.pop("d2t", None)
     if (d2t is None) != (cfg.draft_vocab_size is None):
         raise ValueError("a reduced-vocabulary head needs params['d2t'] and only such a head has one")

@@ -27,6 +27,7 @@ from jetspec_jax.config import ModelConfig
 from jetspec_jax.errors import UserError
 from jetspec_jax.head import HeadConfig, check_head_fits, default_target_layer_ids, init_head_params
 from jetspec_jax.loading.head_io import load_head_dir, save_head_dir
+from jetspec_jax.ngrams import without_ngrams
 from jetspec_jax.progress import progress_bar
 from jetspec_jax.train.batches import make_batch, step_indices, usable
 from jetspec_jax.train.checkpoint import latest_checkpoint, restore_train_checkpoint, save_train_checkpoint
@@ -114,6 +115,7 @@ def _initial_params(t, head_cfg: HeadConfig) -> dict:
     if t.init_from is None:
         return init_head_params(head_cfg, jax.random.PRNGKey(t.seed)), None
     cfg, params = load_head_dir(t.init_from, dtype=head_cfg.dtype)
+    cfg, params = without_ngrams(cfg, params)  # a table shipped with that head is no parameter
     params = dict(params)
     d2t = params.pop("d2t", None)
     if cfg.draft_vocab_size is None and head_cfg.draft_vocab_size is not None:

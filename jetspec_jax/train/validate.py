@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetspec_jax.lookup import lookup_continuations
+from jetspec_jax.lookup import branch_continuations
 from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.train.objective import ObjectiveConfig, anchor_hidden, sample_anchors
 from jetspec_jax.tree import TreeConfig, build_tree, lookup_nodes
@@ -68,7 +68,7 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
     hits), "chain" (accepted tokens of the full-depth chain), "tree_N" for each N in budgets, and
     with lookup = L > 0 (or 'all': N-1) "tree_N_lookup" (L of the N nodes a prompt-lookup chain
     where one is found, as decoding builds it from the prompt and answer up to the anchor; see
-    lookup.py)}."""
+    lookup.py; rows without one take the head's answer n-gram table where it ships one, ngrams.py)}."""
     b = tokens.shape[0]
     anchors, counted, logits, labels = anchor_logits(head_params, target_params, tokens, lengths, prompt_lens,
                                                      features, vocab, cfg)
@@ -83,7 +83,8 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
     if lookup:  # what decoding's history holds at this round: the sequence up to the root (no later token is read)
         history = jnp.repeat(tokens, num_anchors, axis=0)  # (R, L)
         longest = max(lookup_nodes(lookup, n, min(labels.shape[1], n - 1)) for n in budgets)
-        found, forced = lookup_continuations(history, anchors.reshape(-1), max(longest, 1))
+        found, forced = branch_continuations(history, anchors.reshape(-1), max(longest, 1), head_params,
+                                             cfg.head.ngram_orders)
     for n in budgets:
         depth = min(labels.shape[1], n - 1)
         nodes = lookup_nodes(lookup, n, depth) if lookup else 0

@@ -1,0 +1,146 @@
+"""Answer n-gram table (jetspec_jax/ngrams.py): device chains against a brute-force host n-gram model
+built with Python dicts of token tuples (no hashing, no pruning), files, bad tables, decoding."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jetspec_jax.decode import generate
+from jetspec_jax.errors import UserError
+from jetspec_jax.loading.head_io import load_head_dir, save_head_dir, save_ngrams
+from jetspec_jax.ngrams import FILE, build_table, ngram_continuations, without_ngrams
+from jetspec_jax.step import DecodeConfig
+from jetspec_jax.tree import TreeConfig
+
+
+def host_model(sequences, orders, min_count):
+    """{order: {context tuple: most frequent successor (ties: lower id)}} over answer successors."""
+    model = {}
+    for n in orders:
+        counts = collections.defaultdict(collections.Counter)
+        for tokens, p in sequences:
+            for q in range(max(p - 1, n - 1), len(tokens) - 1):
+                counts[tuple(tokens[q - n + 1 : q + 1])][tokens[q + 1]] += 1
+        model[n] = {ctx: min(c, key=lambda t: (-c[t], t)) for ctx, c in counts.items()
+                    if sum(c.values()) >= min_count}
+    return model
+
+
+def host_chain(model, text, length):
+    text, out = list(text), []
+    for i in range(length):
+        nxt = next((model[n][tuple(text[-n:])] for n in sorted(model, reverse=True)
+                    if len(text) >= n and tuple(text[-n:]) in model[n]), None)
+        if nxt is None:
+            return (i > 0), out + [0] * (length - i)
+        out.append(nxt)
+        text.append(nxt)
+    return True, out
+
+
+def corpus(seed, count=40, vocab=6):
+    """Sequences that repeat a few phrases with noise, so that contexts of every order recur."""
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(0, vocab, size=rng.integers(3, 7)).tolist() for _ in range(5)]
+    out = []
+    for _ in range(count):
+        toks = rng.integers(0, vocab, size=3).tolist()
+        p = len(toks)
+        for _ in range(rng.integers(2, 6)):
+            toks += phrases[rng.integers(len(phrases))] if rng.random() < 0.8 else [int(rng.integers(vocab))]
+        out.append((np.array(toks), p))
+    return out
+
+
+@pytest.mark.parametrize("orders,min_count", [((2, 3, 5), 1), ((2, 3, 5), 2), ((1, 4), 1), ((3,), 3)])
+def test_device_chains_match_the_brute_force_model(orders, min_count):
+    seqs = corpus(0)
+    table = build_table(seqs, orders, min_count)
+    model = host_model(seqs, orders, min_count)
+    assert len(table["keys"]) <= sum(len(m) for m in model.values())  # pruning only removes
+    rng = np.random.default_rng(1)
+    texts = [t[: rng.integers(1, len(t) + 1)] for t, _ in seqs[:20] + corpus(2, count=10)]
+    texts += [rng.integers(0, 9, size=rng.integers(1, 12)) for _ in range(20)]  # ids 6-8 never seen
+    width = max(len(t) for t in texts) + 4
+    history = np.zeros((len(texts), width), np.int32)
+    for i, t in enumerate(texts):
+        history[i, : len(t)] = t
+    c = np.array([len(t) - 1 for t in texts], np.int32)
+    found, chains = ngram_continuations(jnp.asarray(table["keys"]), jnp.asarray(table["next"]),
+                                        jnp.asarray(history), jnp.asarray(c), 6, tuple(orders))
+    expect = [host_chain(model, t, 6) for t in texts]
+    assert np.asarray(found).tolist() == [e[0] for e in expect]
+    assert np.asarray(chains).tolist() == [e[1] for e in expect]
+    assert 0 < np.mean(found) < 1  # both kinds of rows were exercised
+
+
+def test_pruning_keeps_only_what_changes_a_draft():
+    seqs = corpus(3)
+    full = sum(len(m) for m in host_model(seqs, (2, 3, 4, 6), 1).values())
+    assert len(build_table(seqs, (2, 3, 4, 6), 1)["keys"]) < full / 2
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from test_speculative import HEAD, TARGET
+    from jetspec_jax.head import init_head_params
+    from jetspec_jax.model import init_params
+
+    params = {"target": init_params(TARGET, jax.random.PRNGKey(0)), "head": init_head_params(HEAD, jax.random.PRNGKey(1))}
+    return TARGET, HEAD, params
+
+
+def test_decoding_with_a_table_is_lossless_and_uses_it(setup):
+    target, head, params = setup
+    prompts = [[7, 1, 3, 3, 8, 12, 40], [11, 2], [30, 31, 32, 33]]
+    ar = generate({"target": params["target"]}, prompts, DecodeConfig(target=target), max_new_tokens=40)
+    # The table knows these answers (as it knows the target's training answers).
+    table = build_table([(np.array(p + g.ids), len(p)) for p, g in zip(prompts, ar)], (2, 3, 4), 1)
+    with_table = {**params, "head": {**params["head"], "ngram_keys": jnp.asarray(table["keys"]),
+                                     "ngram_next": jnp.asarray(table["next"])}}
+    tree = TreeConfig(budget=6, width=3, depth=5, lookup=5)
+    plain = generate(params, prompts, DecodeConfig(target=target, head=head, tree=tree), max_new_tokens=40)
+    out = generate(with_table, prompts, DecodeConfig(target=target, head=head.replace(ngram_orders=(2, 3, 4)),
+                                                     tree=tree), max_new_tokens=40)
+    assert [g.ids for g in out] == [g.ids for g in ar] == [g.ids for g in plain]
+    rounds = lambda gens: sum(len(g.accept_lengths) for g in gens)  # noqa: E731
+    assert rounds(out) < rounds(plain)
+
+
+def test_head_dir_round_trip_and_bad_tables(setup, tmp_path):
+    _, head, params = setup
+    table = build_table(corpus(4), (2, 3), 1)
+    hp = {**params["head"], "ngram_keys": table["keys"], "ngram_next": table["next"]}
+    save_head_dir(tmp_path / "h", head.replace(ngram_orders=(3, 2)), hp)
+    assert "ngram" not in json.loads((tmp_path / "h" / "config.json").read_text())
+    cfg, loaded = load_head_dir(tmp_path / "h")
+    assert cfg.ngram_orders == (2, 3)
+    np.testing.assert_array_equal(loaded["ngram_keys"], table["keys"])
+    np.testing.assert_array_equal(loaded["ngram_next"], table["next"])
+    bare_cfg, bare = without_ngrams(cfg, loaded)
+    assert bare_cfg == head and "ngram_keys" not in bare
+
+    good = (tmp_path / "h" / FILE).read_bytes()
+    bad = [({**table, "keys": table["keys"][::-1].copy()}, "not sorted"),
+           ({**table, "next": np.full_like(table["next"], head.vocab_size)}, "next ids must lie"),
+           ({**table, "next": table["next"][:-1]}, "keys and next"),
+           ({**table, "orders": np.array([0], np.int32)}, "orders")]
+    for t, message in bad:
+        with pytest.raises(UserError, match=message):  # refused before anything is written
+            save_ngrams(tmp_path / "h", t, head.vocab_size)
+        assert (tmp_path / "h" / FILE).read_bytes() == good
+    from safetensors.numpy import save_file
+
+    save_file({k: np.asarray(v, np.int32) for k, v in bad[0][0].items()}, str(tmp_path / "h" / FILE))
+    with pytest.raises(UserError, match="not sorted") as e:
+        load_head_dir(tmp_path / "h")
+    assert "\n" not in str(e.value)
+    (tmp_path / "h" / FILE).write_bytes(good[:100])
+    with pytest.raises(UserError, match="unreadable"):
+        load_head_dir(tmp_path / "h")
