@@ -8,8 +8,9 @@ at least MIN_MATCH; the latest of equally long ones): on the held-out answers of
 this accepts more than taking the latest match of the last 3 (else 2) tokens (tau 3.80 against
 3.62 with all 7 non-root nodes of N=8 given to the branch; docs/training.md section 12).
 `build_tree` puts the continuation in the tree as a forced chain next to the head's nodes (same
-budget); a row with no match keeps the head's own tree of all N nodes. Verification decides, so
-the output never changes.
+budget); a row with no match takes the chain of the head's answer n-gram table where the head
+ships one (ngrams.py; `branch_continuations`), else keeps the head's own tree of all N nodes.
+Verification decides, so the output never changes.
 
 Static shapes: the match is a vectorised comparison over every position of the history buffer,
 (B, S) per suffix offset, MAX_MATCH of them, with no loop over the text.

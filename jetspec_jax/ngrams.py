@@ -15,7 +15,7 @@ Table (shipped next to a head as `ngrams.safetensors`, built by `scripts/build_n
     orders  (O,) int32: the context lengths, e.g. (4, 5, 6, 8, 10, 12, 16)
 
 An n-gram whose most frequent successor is already what the shorter orders predict is left out
-(it would change no draft; the same drafts from a third of the entries), and so are n-grams seen
+(it would change no draft: the same drafts from an eighth of the entries), and so are n-grams seen
 fewer than `min_count` times. The shipped SmolLM2 table keeps those seen once (min_count 1): they
 are mostly verbatim repeats of earlier answers, and on the validation split they add 0.04 to tau at
 N=8 (docs/training.md section 13). Hash collisions can only make a draft wrong, never an output.

@@ -142,6 +142,25 @@ def test_prompt_lookup_samples_exactly(params, lookup):
     assert chi_square_p(counts, exact_distribution(params, 1.0, 0, 1.0, prompt=prompt)) > 1e-3
 
 
+def test_answer_ngram_table_samples_exactly(params):
+    """The prompt has no earlier match, so the lookup branch is the answer n-gram table's chain: here
+    a table that knows the target's most likely continuation of the prompt (as the shipped table knows
+    the target's training answers), so it is proposed and often accepted."""
+    from jetspec_jax.ngrams import build_table
+
+    dist = exact_distribution(params, 1.0, 0, 1.0)
+    likely = np.unravel_index(np.argmax(dist), (V, V, V))
+    table = build_table([(np.array(PROMPT[-2:] + [int(t) for t in likely]), 2)], (2,))
+    with_table = {**params, "head": {**params["head"], "ngram_keys": jnp.asarray(table["keys"]),
+                                     "ngram_next": jnp.asarray(table["next"])}}
+    tree = TreeConfig(budget=8, width=3, depth=3, lookup=3)
+    counts, first_round = sampled_counts(with_table, 1.0, 0, 1.0, head=HEAD.replace(ngram_orders=(2,)), tree=tree)
+    # Whenever the target samples that continuation, the round accepts the table's chain whole (3 tokens,
+    # the most this run emits), so at least that share of first rounds emits 3.
+    assert np.mean(first_round == 3) > 0.9 * dist.max() > 0.05
+    assert chi_square_p(counts, dist) > 1e-3
+
+
 def test_biased_acceptance_is_detected(params, monkeypatch):
     """Negative control: when the target picks the second child of the root, pretend it picked the
     first. Such a rule looks plausible, but shifts probability mass and must fail the test."""

@@ -74,3 +74,20 @@ def test_shipped_head_is_lossless_with_the_packed_layouts_at_16_nodes(smollm2_mo
     out = generate(params, prompts, tree, **kw)
     assert [g.ids for g in out] == [g.ids for g in ar]
     assert sum(len(g.ids) for g in out) / sum(g.rounds for g in out) > 1.33
+
+
+def test_no_ngrams_leaves_the_table_out(smollm2_model):
+    from jetspec_jax.cli import build_parser, config_name, decode_config, load_head
+
+    def head(*flags):
+        args = build_parser().parse_args(["hi", *flags])
+        args.dtype = "float32"  # what main resolves "auto" to on CPU
+        return load_head(args, smollm2_model)
+
+    with_table, without = head(), head("--no-ngrams")
+    assert with_table[0].ngram_orders and "ngram_keys" in with_table[1]
+    assert without[0].ngram_orders == () and "ngram_keys" not in without[1]
+    assert without[0] == with_table[0].replace(ngram_orders=())
+    args = build_parser().parse_args(["hi", "--budget", "4", "--lookup", "all"])
+    assert config_name(decode_config(args, smollm2_model, with_table)).endswith("lookup=3+ngrams")
+    assert config_name(decode_config(args, smollm2_model, without)).endswith("lookup=3")

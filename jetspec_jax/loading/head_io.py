@@ -32,6 +32,11 @@ otherwise load silently wrong), except rotary `inv_freq` buffers that older expo
 A reduced-vocabulary head (`draft_vocab_size: K` in config.json) also stores `d2t`, (K,) integer
 target ids: the head's logits cover those ids only. It must list K distinct ids inside the target's
 vocabulary (else a one-line UserError). Heads without it draft over the full vocabulary.
+
+A head directory may also hold `ngrams.safetensors`, the answer n-gram table of its target
+(`jetspec_jax/ngrams.py`: keys, next, orders); it loads into params["ngram_keys"] / ["ngram_next"]
+and HeadConfig.ngram_orders, and is checked on load (sorted keys, ids inside the vocabulary, equal
+lengths; else a one-line UserError). Other readers (`dflash`) ignore the file.
 """
 
 from __future__ import annotations
