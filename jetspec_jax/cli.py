@@ -34,7 +34,9 @@ class _Parser(argparse.ArgumentParser):
 # 2026-12-07 09:25 UTC with the stage-12 head and the longest-match lookup that gives rows without a
 # match the head's whole tree (docs/bench/report.md), budgets 4, 8, 16 x lookup 0, 2, all: N=4 with
 # all (= 3) nodes 1.53x AR, the fastest (N=4 with 2: 1.50x, N=8 with all (= 7): 1.45x, the best on
-# MATH-500 at 1.87x; N=16: 0.64-0.80x, verifying 16 nodes costs ~2 AR steps here). On a GPU verifying
+# MATH-500 at 1.87x; N=16: 0.64-0.80x, verifying 16 nodes costs ~2 AR steps here); 12:43 UTC the same
+# day with the head's answer n-gram table, budgets 4, 8, 16 x lookup 0, all x table on, off: N=4 with all
+# and the table 1.47x AR, the fastest (without the table 1.43x; N=8 with all 1.38x either way). On a GPU verifying
 # N tokens costs about one token's forward up to large N, hence 32 there (no GPU measurement yet, and
 # lookup stays off on GPU until one).
 DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
