@@ -32,7 +32,6 @@ from jetspec_jax.layers import pack_linears
 from jetspec_jax.loading import load_model
 from jetspec_jax.loading.head_io import load_head_dir
 from jetspec_jax.model import for_cpu_decoding
-from jetspec_jax.ngrams import without_ngrams
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig, lookup_nodes, parse_lookup
 
@@ -100,7 +99,7 @@ def evaluate(argv=None) -> int:
         for lookup in parse_lookups(args.lookup):
             for ngrams in parse_ngrams(args.ngrams) if lookup and head_cfg.ngram_orders else ["on"]:
                 label = name if lookup == 0 else f"{name}+lookup{lookup}" + ("-ngrams" if ngrams == "off" else "")
-                cfg = head_cfg if ngrams == "on" else without_ngrams(head_cfg, {})[0]
+                cfg = head_cfg if ngrams == "on" else head_cfg.replace(ngram_orders=())  # table left unused
                 heads[label] = (cfg, head_params, lookup)
     model = load_model(args.model)
     target = for_cpu_decoding(model.config, model.params)

@@ -144,3 +144,34 @@ def test_head_dir_round_trip_and_bad_tables(setup, tmp_path):
     (tmp_path / "h" / FILE).write_bytes(good[:100])
     with pytest.raises(UserError, match="unreadable"):
         load_head_dir(tmp_path / "h")
+
+
+def test_build_and_ship_scripts(tmp_path, capsys):
+    """scripts/build_ngrams.py and scripts/ship_head.py on the committed answers: one-line errors on bad
+    options, and a table the head directory then loads with."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    import build_ngrams
+    import ship_head
+
+    head = tmp_path / "head"
+    shipped = root / "jetspec_jax" / "heads" / "smollm2-135m-causal"
+    shutil.copytree(shipped, head)
+    (head / FILE).unlink()
+    data = str(root / "data" / "smollm2-135m")
+    for argv, message in [(["--orders", "4,x"], "--orders"), (["--orders", "0,4"], "--orders"),
+                          (["--min-count", "0"], "--min-count")]:
+        assert build_ngrams.main(["--data", data, "--head", str(head), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and err.count("\n") == 1
+        assert not (head / FILE).exists()  # nothing written
+    assert ship_head.main(["--head", str(tmp_path / "missing"), "--data", data, "--to", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error:") and not (tmp_path / "out").exists()
+
+    assert build_ngrams.main(["--data", data, "--head", str(head), "--orders", "12,16", "--min-count", "2"]) == 0
+    cfg, params = load_head_dir(head)
+    assert cfg.ngram_orders == (12, 16) and len(params["ngram_keys"]) > 1000
