@@ -59,16 +59,15 @@ def _hash_device(window, order: int):
     return jax.lax.bitcast_convert_type(h, jnp.int32)
 
 
-def build_table(sequences, orders, min_count=1):
+def build_table(sequences, orders, min_count: int = 1):
     """Host: the table of `sequences`, a list of (tokens (n,) int, first answer position p) pairs:
     n-grams that end at positions q >= p - 1 (their successor, q + 1, is an answer token) may reach
-    back into the prompt. min_count: an int, or {order: count} (1 for orders it leaves out): n-grams
-    seen fewer times are left out. -> dict(keys, next, orders) numpy arrays (keys sorted)."""
+    back into the prompt; n-grams seen fewer than `min_count` times are left out.
+    -> dict(keys, next, orders) numpy arrays (keys sorted)."""
     orders = sorted({int(n) for n in orders})
     if not orders or orders[0] < 1:
         raise ValueError(f"orders must be positive, got {orders}")
-    kept_keys, kept_next = [], []
-    lowest = orders[0]
+    kept_keys, kept_next = [], []  # per order, ascending, each sorted by key
     corpus, first = [], []
     for tokens, p in sequences:
         tokens = np.asarray(tokens, np.int64)
@@ -84,7 +83,9 @@ def build_table(sequences, orders, min_count=1):
             hs.append(hash_ngrams(win, n))
             nx.append(tokens[ends + 1])
             windows.append(win)
-        if not hs:
+        if not hs:  # no n-gram this long (nor any longer one)
+            kept_keys.append(np.zeros(0, np.int32))
+            kept_next.append(np.zeros(0, np.int64))
             continue
         h, nxt, win = np.concatenate(hs), np.concatenate(nx), np.concatenate(windows)
         # most frequent successor per key (ties: lower id); count of the key
@@ -95,10 +96,10 @@ def build_table(sequences, orders, min_count=1):
         head = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
         totals = np.add.reduceat(counts, np.flatnonzero(head))
         keys, best, rep = pairs[head, 0].astype(np.int32), pairs[head, 1], idx[head]
-        keep = totals >= (min_count.get(n, 1) if isinstance(min_count, dict) else min_count)
-        if n != lowest:  # left out where the shorter orders kept so far already predict the same token
-            keep &= best != _predict_host(kept_keys, kept_next, orders[: orders.index(n)], win[rep])
-        kept_keys.append(keys[keep])
+        keep = totals >= min_count
+        if kept_keys:  # left out where the shorter orders kept so far already predict the same token
+            keep &= best != _predict_host(kept_keys, kept_next, orders[: len(kept_keys)], win[rep])
+        kept_keys.append(keys[keep])  # sorted: `pairs` is sorted by key
         kept_next.append(best[keep])
     keys = np.concatenate(kept_keys) if kept_keys else np.zeros(0, np.int32)
     nxt = np.concatenate(kept_next) if kept_next else np.zeros(0, np.int64)
@@ -108,14 +109,12 @@ def build_table(sequences, orders, min_count=1):
 
 
 def _predict_host(key_parts, next_parts, orders, windows):
-    """What the partial table (parts per order, unsorted) predicts for each window (M, n >= max
-    order): the successor of the longest order found, -1 where none."""
+    """What the partial table (parts per order, each sorted by key) predicts for each window (M,
+    n >= max order): the successor of the longest order found, -1 where none."""
     out = np.full(len(windows), -1, np.int64)
     for n, keys, nxt in zip(orders, key_parts, next_parts):  # ascending: longer orders override
         if not len(keys):
             continue
-        order = np.argsort(keys)
-        keys, nxt = keys[order], nxt[order]
         h = hash_ngrams(windows[:, -n:], n)
         pos = np.minimum(np.searchsorted(keys, h), len(keys) - 1)
         out = np.where(keys[pos] == h, nxt[pos], out)
@@ -132,9 +131,9 @@ def check_table(table: dict, vocab_size: int, where: str = FILE) -> None:
         raise ValueError(f"{where}: keys and next must be (M,) with M >= 1 and orders (O,) with O >= 1")
     if keys.dtype != np.int32 or not np.issubdtype(nxt.dtype, np.integer) or not np.issubdtype(orders.dtype, np.integer):
         raise ValueError(f"{where}: keys must be int32 and next, orders integers")
-    if len(keys) and np.any(keys[1:] < keys[:-1]):
+    if np.any(keys[1:] < keys[:-1]):
         raise ValueError(f"{where}: keys are not sorted")
-    if len(nxt) and (nxt.min() < 0 or nxt.max() >= vocab_size):
+    if nxt.min() < 0 or nxt.max() >= vocab_size:
         raise ValueError(f"{where}: next ids must lie in [0, {vocab_size})")
     if orders.min() < 1 or orders.max() > 64 or len(set(orders.tolist())) != len(orders):
         raise ValueError(f"{where}: orders must be distinct and in [1, 64]")

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         from jetspec_jax.ngrams import without_ngrams
 
         cfg, params = without_ngrams(*load_head_dir(args.head, dtype="bfloat16"))
-        table, summary = table_from_data(args.data, parse_orders(args.orders), args.min_count, cfg.vocab_size)
+        table, summary = table_from_data(args.data, parse_orders(args.orders), args.min_count)
         params = {**params, "ngram_keys": table["keys"], "ngram_next": table["next"]}
         save_head_dir(args.to, cfg.replace(ngram_orders=tuple(table["orders"].tolist())), params, overwrite=True)
     except (UserError, ValueError) as e:
