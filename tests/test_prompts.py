@@ -19,7 +19,10 @@ COUNTS = {"gsm8k": 1319, "math": 4500, "math500": 500, "mbpp": 500, "naturalqs":
           "squad": 1000, "summarize": 499,
           # MBPP's 500 tasks; ARC-Challenge's test set (1172 questions, each record once per option); the distinct
           # passages of SQuAD's 1000 and DROP's 1000 questions.
-          "mbpp_complete": 500, "explain": 1172, "rewrite": 803 + 405}
+          "mbpp_complete": 500, "explain": 1172, "rewrite": 803 + 405,
+          # HellaSwag's 1000 contexts in the harness's sample and every fifth of LAMBADA's 5153 test passages; the
+          # distinct situations of Social IQa's 1000 questions and the distinct questions of PIQA's 1000 goals.
+          "compose": 1000 + 1031, "roleplay": 997 + 988}
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
@@ -84,10 +87,22 @@ def test_checksum_mismatch_is_refused_and_caches_nothing(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("question.jsonl"))
 
 
+def test_writing_and_roleplay_prompts():
+    compose, roleplay = load_prompts("compose"), load_prompts("roleplay")
+    assert sum(t.startswith("Continue the following story") for t in compose) > 250  # a third of the passages
+    assert sum(t.startswith("Write a short story that starts with") for t in compose) > 100
+    assert not any("Choose the best continuation" in t for t in compose)  # the harness's question is dropped
+    acts = [t for t in roleplay if t.startswith("Act as ")]
+    assert len(acts) == 988 and all(t.endswith('?"') for t in acts)
+    assert 'Someone asks you: "How do I brown sausages?"' in "\n".join(acts)  # PIQA's goal "Brown sausages."
+    assert all(" you feel " in t or "counselor" in t or "dialogue" in t or "message" in t
+               for t in roleplay if not t.startswith("Act as "))
+
+
 def test_training_guard():
     assert EVAL_ONLY == {"math500", "humaneval", "mtbench"}
     assert set(TRAIN_SETS) == {"gsm8k", "mbpp", "math", "naturalqs", "squad", "summarize", "mbpp_complete", "explain",
-                               "rewrite"}
+                               "rewrite", "compose", "roleplay"}
     check_training_sets(["gsm8k", "mbpp"])
     with pytest.raises(UserError, match="math500 are evaluation-only"):
         check_training_sets(["gsm8k", "math500"])
