@@ -21,7 +21,7 @@ from jetspec_jax.config import ModelConfig
 from jetspec_jax.head import DraftHead, HeadConfig
 from jetspec_jax.kernels import cpu_matmul
 from jetspec_jax.layers import pack_linears
-from jetspec_jax.lookup import branch_continuations
+from jetspec_jax.lookup import branch_continuations, branch_nodes
 from jetspec_jax.model import Transformer, for_cpu_decoding, output_rows
 from jetspec_jax.sampling import sample_tokens
 from jetspec_jax.tree import Tree, TreeConfig, build_tree
@@ -197,12 +197,13 @@ def tree_from_logits(params, state: DecodeState, logits, config: DecodeConfig) -
     branch when `config.tree.lookup` > 0; tokens are target ids."""
     # A reduced-vocabulary head's logit column v is target id d2t[v].
     column_ids = None if config.head.draft_vocab_size is None else params["head"]["d2t"]
-    forced = found = None
+    forced = nodes = None
     if config.tree.lookup:  # a continuation copied from the text so far, else from the head's answer
         # n-gram table where it ships one; rows with neither: the head's own tree
-        found, forced = branch_continuations(state.history, state.target_cache.lengths, config.tree.lookup,
-                                             params["head"], config.head.ngram_orders)
-    return build_tree(state.root, logits, config.tree, forced, column_ids, found)
+        source, forced = branch_continuations(state.history, state.target_cache.lengths, config.tree.lookup,
+                                              params["head"], config.head.ngram_orders)
+        nodes = branch_nodes(source, config.tree.lookup)
+    return build_tree(state.root, logits, config.tree, forced, column_ids, nodes)
 
 
 def target_tokens(logits, state: DecodeState, config: DecodeConfig):

@@ -50,9 +50,10 @@ search is exact.
 "chain" is width 1: the path of each depth's argmax (DFlash-style linear block), first N-1 depths.
 
 Forced path (prompt lookup, `lookup = L`): a chain of L given tokens p_1..p_L (see lookup.py)
-takes nodes 1..L (root -> p_1 -> ... -> p_L); the head's nodes fill the other N-1-L slots. A row
-whose lookup found nothing (`found` False) gets the head's own best N-1 nodes instead, exactly
-the tree of `lookup = 0`: its nodes are not spent on a guess the head did not make. A head
+takes nodes 1..L (root -> p_1 -> ... -> p_L); the head's nodes fill the other N-1-L slots. Each
+row may take fewer: with `nodes` (B,), row b keeps only p_1..p_{nodes[b]} and the head fills the
+rest; a row with 0 (its lookup found nothing) gets exactly the tree of `lookup = 0`, its nodes
+not spent on a guess the head did not make (lookup.py says how many a row takes). A head
 node whose path spells a prefix of the forced path is already in the tree, so it is not chosen
 again (siblings stay distinct, which sampling needs), but its children are: their parent becomes
 the forced node of the same depth. The head's nodes are then the best N-1-L of the others, an
@@ -156,35 +157,32 @@ class Tree:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def build_tree(root: jax.Array, draft_logits: jax.Array, cfg: TreeConfig, forced=None,
-               column_ids=None, found=None) -> Tree:
+               column_ids=None, nodes=None) -> Tree:
     """root (B,) int32, draft_logits (B, D, V) -> Tree with N = cfg.budget nodes per row.
 
     forced (B, L) int32 target ids, the forced chain when cfg.lookup = L > 0 (None: the head's
-    own greedy chain stands in). found (B,) bool: which rows' forced chain is a real match; the
-    other rows get the head's own tree of N nodes, as with lookup 0 (None: every row is forced).
+    own greedy chain stands in). nodes (B,) int32 in [0, L]: how many of its leading tokens each row
+    takes (None: all L); the head's nodes fill the rest, so a row with 0 gets exactly the tree of
+    lookup 0 (see lookup.py for how decoding chooses).
     column_ids (V,) int32: the target id of each logit column (None: the column index itself).
     """
-    if cfg.lookup and found is not None:
-        if forced is None:
-            raise ValueError("found needs the forced chains it marks")
-        with_forced = build_tree(root, draft_logits, cfg, forced, column_ids)
-        head_only = build_tree(root, draft_logits, dataclasses.replace(cfg, lookup=0), None, column_ids)
-        pick = lambda a, b: jnp.where(found.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
-        return jax.tree_util.tree_map(pick, with_forced, head_only)
     B, D, V = draft_logits.shape
     reach = min(cfg.depth, cfg.budget - 1)  # no node of N lies deeper than N - 1
     if not reach <= D <= cfg.depth:
         raise ValueError(f"draft_logits have {D} depths, tree config expects {reach} to {cfg.depth}")
     if cfg.width > V:
         raise ValueError(f"tree width {cfg.width} exceeds vocabulary size {V}")
+    if nodes is not None and forced is None:
+        raise ValueError("nodes needs the forced chains it counts")
     ids = (lambda t: t) if column_ids is None else (lambda t: jnp.take(column_ids, t).astype(jnp.int32))  # noqa: E731
     if cfg.lookup:
         if forced is None:  # no lookup proposal: the head's greedy chain
             forced = ids(jnp.argmax(draft_logits[:, : cfg.lookup], axis=-1).astype(jnp.int32))
         if forced.shape != (B, cfg.lookup):
             raise ValueError(f"forced chain has shape {forced.shape}, expected {(B, cfg.lookup)}")
+        used = jnp.full((B,), cfg.lookup, jnp.int32) if nodes is None else jnp.clip(nodes, 0, cfg.lookup)
         row = functools.partial(_forced_row, cfg=cfg, ids=ids)
-        tokens, parents = jax.vmap(row)(root, draft_logits, forced.astype(jnp.int32))
+        tokens, parents = jax.vmap(row)(root, draft_logits, forced.astype(jnp.int32), used.astype(jnp.int32))
     elif cfg.budget == 1 or cfg.kind == "chain":
         tokens, parents = jax.vmap(functools.partial(_chain_row, cfg=cfg))(root, draft_logits)
         tokens = tokens.at[:, 1:].set(ids(tokens[:, 1:]))
@@ -258,9 +256,13 @@ def _tree_row(root, logits, cfg):
     return tokens, jnp.concatenate([jnp.array([-1], jnp.int32), parents.astype(jnp.int32)])
 
 
-def _forced_row(root, logits, forced, cfg, ids):
-    """(), (D, V), (L,) -> tokens (N,) target ids, parents (N,): the forced chain in nodes 1..L,
-    then the best N-1-L head nodes that are not on it (see the module docstring)."""
+def _forced_row(root, logits, forced, used, cfg, ids):
+    """(), (D, V), (L,), () -> tokens (N,) target ids, parents (N,): the first `used` forced tokens in
+    nodes 1..used, then the best N-1-used head nodes that are not on that path (module docstring).
+
+    `used` is a traced value, so the head's best N-1 off-path nodes are chosen (the most any row
+    needs) and the first N-1-used of them fill the free slots: the best k of a set sorted by score
+    are a prefix of its best N-1, and that prefix is ancestor-closed like the whole."""
     n, lookup = cfg.budget, cfg.lookup
     logits = logits[: min(cfg.depth, n - 1)].astype(jnp.float32)
     width = 1 if cfg.kind == "chain" else cfg.width
@@ -273,26 +275,27 @@ def _forced_row(root, logits, forced, cfg, ids):
     top_ids = ids(top_tok)
     d = top_ids.shape[0]
     path = jnp.full((d,), -1, jnp.int32).at[:lookup].set(forced[: min(lookup, d)])
+    path = jnp.where(jnp.arange(d) < used, path, -1)  # only the used prefix is in the tree
     on_path_tok = top_ids == path[:, None]  # (D, W): the rank spelling the forced token there
     k = n - 1
     beam = _beam_search(top_logp, over_cap, k, capped, on_path_tok)
-    free = n - 1 - lookup
-    head_tokens = jnp.zeros((0,), jnp.int32)
-    head_parents = jnp.zeros((0,), jnp.int32)
-    if free:
-        score = jnp.where(beam["forced"], -jnp.inf, beam["score"]).reshape(-1)
-        over = (beam["over"] | beam["forced"]).reshape(-1)
-        chosen, _ = _best_k(score, over, free, capped)
-        depth = chosen // k + 1
-        parent_entry = (depth - 2) * k + beam["parent"].reshape(-1)[chosen]
-        slot = jnp.zeros(beam["score"].size, jnp.int32).at[chosen].set(jnp.arange(lookup + 1, n))
-        parent_forced = beam["forced"].reshape(-1)[jnp.maximum(parent_entry, 0)]
-        head_parents = jnp.where(depth > 1, jnp.where(parent_forced, depth - 1,
-                                                      slot[jnp.maximum(parent_entry, 0)]), 0)
-        head_tokens = top_ids[depth - 1, beam["rank"].reshape(-1)[chosen]]
-    tokens = jnp.concatenate([root[None].astype(jnp.int32), forced[:lookup], head_tokens.astype(jnp.int32)])
-    parents = jnp.concatenate([jnp.arange(-1, lookup, dtype=jnp.int32), head_parents.astype(jnp.int32)])
-    return tokens, parents
+    score = jnp.where(beam["forced"], -jnp.inf, beam["score"]).reshape(-1)
+    over = (beam["over"] | beam["forced"]).reshape(-1)
+    chosen, _ = _best_k(score, over, k, capped)  # the best head nodes off the path, best first
+    depth = chosen // k + 1
+    parent_entry = (depth - 2) * k + beam["parent"].reshape(-1)[chosen]
+    # node index of each chosen entry (a repeated pick past the real entries keeps the first slot)
+    slot = jnp.full(beam["score"].size, 2 * n, jnp.int32).at[chosen].min(used + 1 + jnp.arange(k, dtype=jnp.int32))
+    parent_forced = beam["forced"].reshape(-1)[jnp.maximum(parent_entry, 0)]
+    head_parents = jnp.where(depth > 1, jnp.where(parent_forced, depth - 1, slot[jnp.maximum(parent_entry, 0)]), 0)
+    head_tokens = top_ids[depth - 1, beam["rank"].reshape(-1)[chosen]]
+    node = jnp.arange(1, n)  # node i is forced token i-1 for i <= used, else head node i-1-used
+    is_forced = node <= used
+    from_head = jnp.maximum(node - 1 - used, 0)
+    tokens = jnp.where(is_forced, forced[jnp.minimum(node - 1, lookup - 1)], head_tokens[from_head])
+    parents = jnp.where(is_forced, node - 1, head_parents[from_head])
+    tokens = jnp.concatenate([root[None].astype(jnp.int32), tokens.astype(jnp.int32)])
+    return tokens, jnp.concatenate([jnp.array([-1], jnp.int32), parents.astype(jnp.int32)])
 
 
 def _beam_search(top_logp, over_cap, k, capped, on_path_tok=None):

@@ -5,8 +5,8 @@
 
 At the split's fixed anchors (those of `scripts/val_heads.py`), the head's draft logits are computed once;
 then for every budget N and lookup length L (0, 2, N-1) and every match rule, the tree `speculative_step`
-would build (library `build_tree`: the match's continuation as a forced chain where one is found, else the
-head's own N-node tree) is scored against the stored greedy answer (`validate.accepted_depth`). The rules
+would build with all L branch nodes (library `build_tree`: the match's continuation as a forced chain where
+one is found, else the head's own N-node tree; decoding since takes fewer of them per row, lookup.branch_nodes) is scored against the stored greedy answer (`validate.accepted_depth`). The rules
 are host searches over the text up to the anchor:
 
     latest-3/2   the latest earlier occurrence of the last 3 tokens, else of the last 2 (the rule until
@@ -141,7 +141,7 @@ def run(args, budgets) -> list:
             for rule in RULES if nodes else ["-"]:
                 tree_cfg = TreeConfig(budget=n, width=4, depth=d, lookup=nodes)
                 f = None if not nodes else jnp.asarray(forced[rule][:, :nodes])
-                got = None if not nodes else jnp.asarray(found[rule])
+                got = None if not nodes else jnp.asarray(found[rule] * nodes, jnp.int32)  # all L or none
                 tree = build_tree(roots, logits[:, :d], tree_cfg, f, column_ids, got)
                 acc = np.asarray(accepted_depth(tree.tokens, tree.depths, tree.mask, labels[:, :d]))
                 rows.append({"budget": n, "lookup": nodes, "rule": rule, "anchors": len(acc),

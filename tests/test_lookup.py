@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jetspec_jax.decode import generate
-from jetspec_jax.lookup import lookup_continuations
+from jetspec_jax.lookup import (MAX_MATCH, MIN_MATCH, NONE, SHORT, TABLE, TEXT, branch_continuations, branch_nodes,
+                                lookup_continuations)
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig, build_tree
 
@@ -37,19 +38,32 @@ def test_lookup_matches_host_search():
     history = rng.integers(0, 4, size=(rows, s)).astype(np.int32)  # 4 symbols: many matches
     history[::7] = np.arange(s) % 5  # loops of period 5
     c = rng.integers(0, s, size=rows).astype(np.int32)
-    found, cont = jax.device_get(lookup_continuations(jnp.asarray(history), jnp.asarray(c), 4))
+    match, cont = jax.device_get(lookup_continuations(jnp.asarray(history), jnp.asarray(c), 4))
     for r in range(rows):
         want_found, want = host_lookup(history[r], int(c[r]), 4)
-        assert bool(found[r]) == want_found, r
+        assert bool(match[r]) == want_found, r
+        assert match[r] == host_shared_suffix(history[r], int(c[r])), r
         if want_found:
             assert cont[r].tolist() == want, r
+
+
+def host_shared_suffix(text, c):
+    """Brute force: the most tokens (capped at MAX_MATCH) that the text ending at some j < c shares
+    with the text ending at the root c; 0 below MIN_MATCH."""
+    best = 0
+    for j in range(c):
+        k = 0
+        while k < MAX_MATCH and j - k >= 0 and text[j - k] == text[c - k]:
+            k += 1
+        best = max(best, k)
+    return best if best >= MIN_MATCH else 0
 
 
 def test_the_longest_shared_suffix_wins_over_the_latest():
     # "0 1 2 3" ends at 3 (4 tokens shared with the text before the root), "1 2 3" at 8 (3 shared)
     history = jnp.array([[0, 1, 2, 3, 8, 9, 1, 2, 3, 7, 0, 1, 2, 3, 0, 0]], jnp.int32)
-    found, cont = jax.device_get(lookup_continuations(history, jnp.array([13]), 4))
-    assert bool(found[0]) and cont[0].tolist() == [8, 9, 1, 2]
+    match, cont = jax.device_get(lookup_continuations(history, jnp.array([13]), 4))
+    assert match[0] == 4 and cont[0].tolist() == [8, 9, 1, 2]
     # a 1-token match is not enough; nothing before the first token
     found, _ = jax.device_get(lookup_continuations(jnp.array([[4, 5, 6, 4, 0]], jnp.int32), jnp.array([3]), 2))
     assert not bool(found[0])
@@ -108,28 +122,43 @@ def test_forced_branch_joins_the_best_head_nodes(n, w, d, lookup):
                 assert abs(s - worst) <= near_tie(worst, d), (r, p)
 
 
-@pytest.mark.parametrize("kind,w", [("best_first", 3), ("chain", 1)])
-def test_rows_without_a_match_keep_the_head_tree(kind, w):
-    """found=False rows get exactly the lookup-0 tree of the same budget; found=True rows exactly
-    the forced tree (both built separately here, row by row)."""
+@pytest.mark.parametrize("kind,w", [("best_first", 3), ("chain", 1), ("top2gap", 3)])
+def test_rows_take_their_own_number_of_branch_nodes(kind, w):
+    """A row that takes k of the L forced tokens gets exactly the tree built with lookup = k from
+    those k (k = 0: the lookup-0 tree), each built separately here, row by row."""
     rng = np.random.default_rng(11)
-    rows, d, vocab, n, lookup = 6, 5, 16, 6, 3
+    rows, d, vocab, n, lookup = 8, 5, 16, 6, 4
     logits = jnp.asarray(rng.normal(size=(rows, d, vocab)).astype(np.float32))
-    forced = jnp.asarray(rng.integers(0, vocab, size=(rows, lookup)).astype(np.int32))
-    found = jnp.array([True, False, True, False, False, True])
+    forced = np.asarray(rng.integers(0, vocab, size=(rows, lookup)).astype(np.int32))
+    forced[5] = np.argmax(np.asarray(logits[5, :lookup]), axis=-1)  # the head's own greedy path
+    nodes = jnp.array([4, 0, 2, 1, 0, 3, 4, 2], jnp.int32)
     roots = jnp.arange(rows, dtype=jnp.int32)
     cfg = TreeConfig(budget=n, width=w, depth=d, kind=kind, lookup=lookup)
-    got = jax.device_get(build_tree(roots, logits, cfg, forced, None, found))
-    with_forced = jax.device_get(build_tree(roots, logits, cfg, forced))
-    head_only = jax.device_get(build_tree(roots, logits, TreeConfig(budget=n, width=w, depth=d, kind=kind)))
-    for r in range(rows):
-        want = with_forced if bool(found[r]) else head_only
-        for field in ("tokens", "parents", "depths", "mask"):
-            np.testing.assert_array_equal(getattr(got, field)[r], getattr(want, field)[r])
-        if not bool(found[r]):  # the forced tokens are not spent where nothing matched
-            assert not np.array_equal(got.tokens[r, 1 : lookup + 1], np.asarray(forced[r]))
-    with pytest.raises(ValueError, match="found needs"):
-        build_tree(roots, logits, cfg, None, None, found)
+    got = jax.device_get(build_tree(roots, logits, cfg, jnp.asarray(forced), None, nodes))
+    for k in range(lookup + 1):
+        static = TreeConfig(budget=n, width=w, depth=d, kind=kind, lookup=k)
+        want = jax.device_get(build_tree(roots, logits, static, jnp.asarray(forced[:, :k]) if k else None))
+        for r in np.flatnonzero(np.asarray(nodes) == k):
+            for field in ("tokens", "parents", "depths", "mask"):
+                np.testing.assert_array_equal(getattr(got, field)[r], getattr(want, field)[r], err_msg=f"{r} {k}")
+    assert not np.array_equal(got.tokens[1, 1 : lookup + 1], forced[1])  # not spent where nothing matched
+    with pytest.raises(ValueError, match="nodes needs"):
+        build_tree(roots, logits, cfg, None, None, nodes)
+
+
+def test_branch_source_and_nodes():
+    """Long text matches keep the whole branch, short ones and table chains leave the head a share
+    (lookup.py); rows with neither take none."""
+    history = jnp.array([[5, 6, 7, 8, 9, 1, 5, 6, 7, 8, 9, 0, 0],  # "5 6 7 8 9" again: 5 shared -> TEXT
+                         [5, 6, 1, 2, 3, 5, 6, 0, 0, 0, 0, 0, 0],  # "5 6" again: 2 shared -> SHORT
+                         [1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)  # no match -> NONE
+    pos = jnp.array([10, 6, 3])
+    source, forced = jax.device_get(branch_continuations(history, pos, 3))
+    assert source.tolist() == [TEXT, SHORT, NONE]
+    assert forced[0].tolist() == [1, 5, 6] and forced[1].tolist() == [1, 2, 3]
+    for lookup, want in [(3, [0, 3, 3, 3]), (7, [0, 5, 6, 7]), (15, [0, 11, 12, 15])]:
+        got = branch_nodes(jnp.array([NONE, TABLE, SHORT, TEXT]), lookup)
+        assert np.asarray(got).tolist() == want, lookup
 
 
 def test_chain_with_lookup_is_a_valid_tree():

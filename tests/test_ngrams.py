@@ -80,6 +80,34 @@ def test_device_chains_match_the_brute_force_model(orders, min_count):
     assert 0 < np.mean(found) < 1  # both kinds of rows were exercised
 
 
+def test_the_branch_takes_the_table_where_the_text_has_no_match():
+    from jetspec_jax.lookup import NONE, SHORT, TABLE, TEXT, branch_continuations, lookup_continuations
+
+    seqs = corpus(0)
+    orders = (2, 3, 5)
+    table = build_table(seqs, orders, 1)
+    rng = np.random.default_rng(4)
+    texts = [t[: rng.integers(1, len(t) + 1)] for t, _ in corpus(5, count=30)]
+    texts += [rng.integers(0, 9, size=rng.integers(1, 12)) for _ in range(20)]
+    history = np.zeros((len(texts), 40), np.int32)
+    for i, t in enumerate(texts):
+        history[i, : len(t)] = t
+    history, c = jnp.asarray(history), jnp.asarray([len(t) - 1 for t in texts], jnp.int32)
+    keys, nxt = jnp.asarray(table["keys"]), jnp.asarray(table["next"])
+    source, forced = jax.device_get(branch_continuations(history, c, 6, {"ngram_keys": keys, "ngram_next": nxt},
+                                                         orders))
+    match, copied = jax.device_get(lookup_continuations(history, c, 6))
+    known, chains = jax.device_get(ngram_continuations(keys, nxt, history, c, 6, orders))
+    for r in range(len(texts)):
+        if match[r]:
+            assert source[r] == (TEXT if match[r] >= 4 else SHORT) and forced[r].tolist() == copied[r].tolist()
+        elif known[r]:
+            assert source[r] == TABLE and forced[r].tolist() == chains[r].tolist()
+        else:
+            assert source[r] == NONE
+    assert {NONE, TABLE, SHORT} <= set(source.tolist())  # each kind of row was exercised
+
+
 def test_pruning_keeps_only_what_changes_a_draft():
     seqs = corpus(3)
     full = sum(len(m) for m in host_model(seqs, (2, 3, 4, 6), 1).values())

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetspec_jax.lookup import branch_continuations
+from jetspec_jax.lookup import branch_continuations, branch_nodes
 from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.train.objective import ObjectiveConfig, anchor_hidden, sample_anchors
 from jetspec_jax.tree import TreeConfig, build_tree, lookup_nodes
@@ -53,12 +53,16 @@ def anchor_logits(head_params, target_params, tokens, lengths, prompt_lens, feat
     hidden, labels, valid, _ = anchor_hidden(head_params, target_params, tokens, lengths, prompt_lens,
                                              features, anchors, ok, cfg)
     rows = hidden.reshape(b * anchors.shape[1], hidden.shape[2], -1)  # (R, D, d)
+    return anchors, ok.reshape(-1), project(cfg, target_params, rows, vocab), \
+        jnp.where(valid, labels, -1).reshape(rows.shape[0], -1)
+
+
+def project(cfg: ObjectiveConfig, target_params, rows, vocab):
+    """The head's rows (..., d) -> draft logits (..., V), or (..., K) over a reduced vocabulary."""
     if vocab is None:
-        logits = Transformer(cfg.target).apply({"params": target_params}, rows, method=Transformer.logits)
-    else:
-        table = output_rows(cfg.target, target_params, vocab["d2t"])
-        logits = jax.lax.dot_general(rows, table, (((2,), (1,)), ((), ()))).astype(jnp.float32)
-    return anchors, ok.reshape(-1), logits, jnp.where(valid, labels, -1).reshape(rows.shape[0], -1)
+        return Transformer(cfg.target).apply({"params": target_params}, rows, method=Transformer.logits)
+    table = output_rows(cfg.target, target_params, vocab["d2t"])
+    return jax.lax.dot_general(rows, table, (((rows.ndim - 1,), (1,)), ((), ()))).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "budgets", "lookup"))
@@ -66,9 +70,10 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
                       cfg: ObjectiveConfig, budgets: tuple, lookup: int = 0):
     """Per-sequence sums over its valid anchors, each (B,): {"anchors", "hit1" (depth-1 top-1
     hits), "chain" (accepted tokens of the full-depth chain), "tree_N" for each N in budgets, and
-    with lookup = L > 0 (or 'all': N-1) "tree_N_lookup" (L of the N nodes a prompt-lookup chain
-    where one is found, as decoding builds it from the prompt and answer up to the anchor; see
-    lookup.py; rows without one take the head's answer n-gram table where it ships one, ngrams.py)}."""
+    with lookup = L > 0 (or 'all': N-1) "tree_N_lookup" (up to L of the N nodes a prompt-lookup
+    chain, as decoding builds it from the prompt and answer up to the anchor: the text's match, else
+    the head's answer n-gram table where it ships one, as many nodes as `lookup.branch_nodes` gives
+    the row; lookup.py, ngrams.py)}."""
     b = tokens.shape[0]
     anchors, counted, logits, labels = anchor_logits(head_params, target_params, tokens, lengths, prompt_lens,
                                                      features, vocab, cfg)
@@ -83,8 +88,8 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
     if lookup:  # what decoding's history holds at this round: the sequence up to the root (no later token is read)
         history = jnp.repeat(tokens, num_anchors, axis=0)  # (R, L)
         longest = max(lookup_nodes(lookup, n, min(labels.shape[1], n - 1)) for n in budgets)
-        found, forced = branch_continuations(history, anchors.reshape(-1), max(longest, 1), head_params,
-                                             cfg.head.ngram_orders)
+        source, forced = branch_continuations(history, anchors.reshape(-1), max(longest, 1), head_params,
+                                              cfg.head.ngram_orders)
     for n in budgets:
         depth = min(labels.shape[1], n - 1)
         nodes = lookup_nodes(lookup, n, depth) if lookup else 0
@@ -92,7 +97,7 @@ def validation_counts(head_params, target_params, tokens, lengths, prompt_lens, 
         for suffix, forced_nodes in variants:
             tree_cfg = TreeConfig(budget=n, width=VAL_WIDTH, depth=depth, lookup=forced_nodes)
             tree = build_tree(roots, logits[:, :depth], tree_cfg, forced[:, :forced_nodes] if forced_nodes else None,
-                              column_ids, found if forced_nodes else None)
+                              column_ids, branch_nodes(source, forced_nodes) if forced_nodes else None)
             out[f"tree_{n}{suffix}"] = per_seq(accepted_depth(tree.tokens, tree.depths, tree.mask, labels))
     return out
 
