@@ -15,9 +15,10 @@ Verification decides, so the output never changes.
 How many of the L branch nodes a row takes depends on where its branch comes from (`branch_nodes`):
 all L for a text match of at least SHORT_MATCH tokens (a loop or a copied span: it runs on), L less
 floor(L / 5) for a shorter match, L less floor(3 L / 10) for the table's chain; the head drafts the
-rest of the tree. Chosen on the validation split (docs/val/branch-split.md, scripts/branch_split.py): tau at N = 8 4.089
-against 4.049 with every branch node, at N = 16 6.056 against 5.946 (N = 4 unchanged); on the
-evaluation sets' answers (first 128 tokens) the gain is larger (MATH-500 N = 16 3.34 against 2.98).
+rest of the tree. Chosen on the validation split (docs/val/branch-split.md, scripts/branch_split.py):
+tau at N = 8 4.089 against 4.049 with every branch node, at N = 16 6.056 against 5.946 (N = 4
+unchanged); on the evaluation sets' answers (first 128 tokens) the gain is larger (MATH-500 N = 16
+3.34 against 2.98).
 A chain that is sure only at first (a table chain, a 2-token match) ends before the head's own
 guesses stop paying.
 
