@@ -60,33 +60,20 @@ def main(argv=None) -> int:
 def run(args, budgets) -> dict:
     import jax
 
-    from jetspec_jax.head import check_head_fits
-    from jetspec_jax.loading import load_model
-    from jetspec_jax.loading.head_io import load_head_dir
     from jetspec_jax.lookup import branch_nodes
-    from jetspec_jax.train.config import read_config
-    from jetspec_jax.train.objective import ObjectiveConfig
-    from jetspec_jax.train.validate import vocab_tables
+    from jetspec_jax.train.validate import open_validation, scoring_head
 
-    cfg = read_config(args.config)
-    if cfg.features is None:
-        raise UserError(f"{args.config} has no features section")
-    model = load_model(cfg.target)
-    head_cfg, params = load_head_dir(args.head)
-    check_head_fits(head_cfg, model.config)
-    params = dict(params)
-    d2t = params.pop("d2t", None)
-    vocab = None if d2t is None else vocab_tables(np.asarray(d2t), model.config.vocab_size)
-    objective = ObjectiveConfig(target=model.config, head=head_cfg)
+    split = open_validation(args.config, args.max_sequences)
+    head_cfg, params, vocab, objective = scoring_head(args.head, split.model.config)
     depth = min(head_cfg.block_size - 1, max(budgets) - 1)
-    scorer = _Scorer(params, model, vocab, objective, depth, budgets)
-    val = scorer.validation(cfg, args.max_sequences)
+    scorer = _Scorer(params, split.model, vocab, objective, depth, budgets)
+    val = scorer.validation(split)
     rules = {}
     for n in budgets:
         L = min(depth, n - 1)
-        best = {s: int(np.argmax(val["mean"][n][s])) for s in range(len(SOURCES)) if val["mean"][n][s] is not None}
-        rules[n] = {"all": [0, L, L, L], "library": np.asarray(branch_nodes(np.arange(4), L)).tolist(),
-                    "best on validation": [best.get(s, 0) for s in range(4)]}
+        library = np.asarray(branch_nodes(np.arange(4), L)).tolist()
+        best = [library[s] if m is None else int(np.argmax(m)) for s, m in enumerate(val["mean"][n])]  # a source no anchor has: the library's
+        rules[n] = {"all": [0, L, L, L], "library": library, "best on validation": best}
     report = {"head": args.head, "config": args.config, "anchors": int(len(val["source"])),
               "share": {s: float(np.mean(val["source"] == i)) for i, s in enumerate(SOURCES)},
               "budgets": {}}
@@ -137,24 +124,15 @@ class _Scorer:
 
         self.score = jax.jit(score)
 
-    def validation(self, cfg, max_sequences) -> dict:
+    def validation(self, split) -> dict:
         import jax
         import jax.numpy as jnp
 
-        from jetspec_jax.train.feature_store import FeatureStore
-        from jetspec_jax.train.features import CacheSpec, is_validation
-        from jetspec_jax.train.shards import read_sequences
         from jetspec_jax.train.validate import anchor_logits
 
-        data = read_sequences(cfg.data.dir)
-        store = FeatureStore.open(cfg.features.dir, CacheSpec.of(cfg, self.model.config.hidden_size), data)
-        val = np.array([i for i in store.cached() if is_validation(data.keys[i])], np.int64)[:max_sequences]
-        if not len(val):
-            raise UserError(f"{cfg.features.dir}: no validation sequence is cached yet")
         logits_of = jax.jit(lambda *a: anchor_logits(*a, self.objective))
         parts = []
-        for i in range(0, len(val), 4):
-            batch = store.batch(data, val[i : i + 4], cfg.train.max_length, self.objective.head.target_layer_ids)
+        for batch in split.batches(self.objective.head.target_layer_ids):
             anchors, counted, logits, labels = logits_of(self.params, self.model.params, batch.tokens, batch.lengths,
                                                          batch.prompt_lens, batch.features, self.vocab)
             a = anchors.shape[1]
@@ -254,11 +232,11 @@ def markdown(report) -> str:
             if taus is not None:
                 lines.append(f"- {s}: " + " ".join(f"{t:.2f}" for t in taus))
         evals = sorted({k for r in row["rules"].values() for k in r if k.startswith("tau_")})
-        lines += ["", "| rule | nodes (none, table, short, text) | validation tau | "
-                  + " | ".join(e[4:] for e in evals) + " |", "|---|---|---|" + "---|" * len(evals)]
+        lines += ["", "| rule | nodes (none, table, short, text) | validation tau |"
+                  + "".join(f" {e[4:]} |" for e in evals), "|---|---|---|" + "---|" * len(evals)]
         for name, r in row["rules"].items():
-            lines.append(f"| {name} | {list(r['nodes_by_source'].values())} | {r['val_tau']:.3f} | "
-                         + " | ".join(f"{r[e]:.2f}" for e in evals) + " |")
+            lines.append(f"| {name} | {list(r['nodes_by_source'].values())} | {r['val_tau']:.3f} |"
+                         + "".join(f" {r[e]:.2f} |" for e in evals))
         lines.append("")
     return "\n".join(lines)
 

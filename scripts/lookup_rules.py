@@ -6,8 +6,9 @@
 At the split's fixed anchors (those of `scripts/val_heads.py`), the head's draft logits are computed once;
 then for every budget N and lookup length L (0, 2, N-1) and every match rule, the tree `speculative_step`
 would build with all L branch nodes (library `build_tree`: the match's continuation as a forced chain where
-one is found, else the head's own N-node tree; decoding since takes fewer of them per row, lookup.branch_nodes) is scored against the stored greedy answer (`validate.accepted_depth`). The rules
-are host searches over the text up to the anchor:
+one is found, else the head's own N-node tree; decoding since takes fewer of them per row, see
+`lookup.branch_nodes` and scripts/branch_split.py) is scored against the stored greedy answer
+(`validate.accepted_depth`). The rules are host searches over the text up to the anchor:
 
     latest-3/2   the latest earlier occurrence of the last 3 tokens, else of the last 2 (the rule until
                  2026-12-07)
@@ -87,35 +88,16 @@ def run(args, budgets) -> list:
     import jax
     import jax.numpy as jnp
 
-    from jetspec_jax.loading import load_model
-    from jetspec_jax.loading.head_io import load_head_dir
-    from jetspec_jax.train.config import read_config
-    from jetspec_jax.train.feature_store import FeatureStore
-    from jetspec_jax.train.features import CacheSpec, is_validation
-    from jetspec_jax.train.objective import ObjectiveConfig
-    from jetspec_jax.train.shards import read_sequences
-    from jetspec_jax.train.validate import accepted_depth, anchor_logits, vocab_tables
+    from jetspec_jax.train.validate import accepted_depth, anchor_logits, open_validation, scoring_head
     from jetspec_jax.tree import TreeConfig, build_tree
 
-    cfg = read_config(args.config)
-    if cfg.features is None:
-        raise UserError(f"{args.config} has no features section")
-    model = load_model(cfg.target)
-    data = read_sequences(cfg.data.dir)
-    store = FeatureStore.open(cfg.features.dir, CacheSpec.of(cfg, model.config.hidden_size), data)
-    val = np.array([i for i in store.cached() if is_validation(data.keys[i])], np.int64)[: args.max_sequences]
-    if not len(val):
-        raise UserError(f"{cfg.features.dir}: no validation sequence is cached yet")
-    head_cfg, params = load_head_dir(args.head)
-    params = dict(params)
-    d2t = params.pop("d2t", None)
-    vocab = None if d2t is None else vocab_tables(np.asarray(d2t), model.config.vocab_size)
-    objective = ObjectiveConfig(target=model.config, head=head_cfg)
+    split = open_validation(args.config, args.max_sequences)
+    model = split.model
+    head_cfg, params, vocab, objective = scoring_head(args.head, model.config)
     depth = min(head_cfg.block_size - 1, max(budgets) - 1)
     logits_of = jax.jit(lambda *a: anchor_logits(*a, objective))
     texts, roots, logits, labels = [], [], [], []
-    for i in range(0, len(val), 4):
-        batch = store.batch(data, val[i : i + 4], cfg.train.max_length, head_cfg.target_layer_ids)
+    for batch in split.batches(head_cfg.target_layer_ids):
         anchors, counted, lg, lb = jax.device_get(logits_of(params, model.params, batch.tokens, batch.lengths,
                                                             batch.prompt_lens, batch.features, vocab))
         tokens = np.asarray(batch.tokens)

@@ -68,48 +68,24 @@ def main(argv=None) -> int:
 
 
 def run(args) -> list:
-    from jetspec_jax.head import check_head_fits
-    from jetspec_jax.loading import load_model
-    from jetspec_jax.loading.head_io import load_head_dir
-    from jetspec_jax.train.config import read_config
-    from jetspec_jax.train.feature_store import FeatureStore
-    from jetspec_jax.train.features import CacheSpec, is_validation
-    from jetspec_jax.train.objective import ObjectiveConfig
-    from jetspec_jax.train.shards import read_sequences
-    from jetspec_jax.train.validate import coverage, validate, vocab_tables
+    from jetspec_jax.train.validate import coverage, open_validation, scoring_head, validate
 
-    cfg = read_config(args.config)
-    if cfg.features is None:
-        raise UserError(f"{args.config} has no features section")
-    model = load_model(cfg.target)
-    data = read_sequences(cfg.data.dir)
-    f = cfg.features
-    store = FeatureStore.open(f.dir, CacheSpec.of(cfg, model.config.hidden_size), data)
-    val = np.array([i for i in store.cached() if is_validation(data.keys[i])], np.int64)
-    if args.max_sequences:
-        val = val[: args.max_sequences]
-    if not len(val):
-        raise UserError(f"{f.dir}: no validation sequence is cached yet")
+    split = open_validation(args.config, args.max_sequences)
     rows = []
     for item in args.head:
         name, _, path = item.partition("=")
-        head_cfg, params = load_head_dir(path)
-        check_head_fits(head_cfg, model.config)
-        params = dict(params)
-        d2t = params.pop("d2t", None)
-        vocab = None if d2t is None else vocab_tables(np.asarray(d2t), model.config.vocab_size)
-        objective = ObjectiveConfig(target=model.config, head=head_cfg)
-        batches = (store.batch(data, val[i : i + 4], cfg.train.max_length, head_cfg.target_layer_ids)
-                   for i in range(0, len(val), 4))
+        head_cfg, params, vocab, objective = scoring_head(path, split.model.config)
         t0 = time.perf_counter()
-        sets = [data.keys[i].split("/")[0] for i in val] if args.by_set else None
-        result = validate(params, model.params, vocab, objective, batches, lookup=args.lookup, groups=sets)
+        sets = split.sets() if args.by_set else None
+        result = validate(params, split.model.params, vocab, objective, split.batches(head_cfg.target_layer_ids),
+                          lookup=args.lookup, groups=sets)
         if sets is None:
             result = {"all": result}
         print(f"{name}: {result} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        d2t = None if vocab is None else np.asarray(vocab["d2t"])
         rows.append({"name": name, "path": path, "taps": list(head_cfg.target_layer_ids),
                      "vocab": head_cfg.draft_vocab_size or head_cfg.vocab_size,
-                     "vocab_coverage": None if d2t is None else round(coverage(data, val, np.asarray(d2t)), 4),
+                     "vocab_coverage": None if d2t is None else round(coverage(split.data, split.indices, d2t), 4),
                      "val": result})
     return rows
 

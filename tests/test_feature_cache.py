@@ -401,7 +401,8 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
     assert val_heads.main(["--config", config, "--head", f"new={tmp_path / 'out' / 'head'}", "--lookup", "all",
                            "--json", str(out_json)]) == 0  # N-1 lookup nodes at every budget
     assert "tau N=16 +all lookup" in capsys.readouterr().out.splitlines()[0]
-    assert json.loads(out_json.read_text())[0]["val"]["all"]["tau_16_lookup"] >= 1.0
+    with_all = json.loads(out_json.read_text())[0]["val"]["all"]
+    assert with_all["tau_16_lookup"] >= 1.0
     assert val_heads.main(["--config", config, "--head", f"new={tmp_path / 'out' / 'head'}", "--lookup", "5"]) == 2
     assert capsys.readouterr().err.startswith("error: --lookup must be")
     import lookup_rules  # the match rules compared on the same split: every (N, lookup, rule) row, lookup 0 once
@@ -410,6 +411,19 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [r.split(" | ")[1:3] for r in rows] == [["0", "-"], ["2", "latest-3/2"], ["2", "longest"],
                                                    ["3", "latest-3/2"], ["3", "longest"]]
+    import branch_split  # splits of the lookup branch by source: the library's rule scores as val_heads decodes
+
+    split_json = tmp_path / "split.json"
+    assert branch_split.main(["--config", config, "--head", str(tmp_path / "out" / "head"), "--budgets", "4,8",
+                              "--json", str(split_json)]) == 0
+    report = json.loads(split_json.read_text())
+    assert report["anchors"] == with_all["anchors"] and abs(sum(report["share"].values()) - 1) < 1e-9
+    for n in ("4", "8"):
+        rules = report["budgets"][n]["rules"]
+        assert rules["library"]["val_tau"] == with_all[f"tau_{n}_lookup"]
+        assert rules["best on validation"]["val_tau"] >= max(rules["library"]["val_tau"], rules["all"]["val_tau"])
+    # the head drafts 3 depths, so N=8 has 3 branch nodes at most
+    assert report["budgets"]["8"]["rules"]["all"]["nodes_by_source"] == {"none": 0, "table": 3, "short": 3, "text": 3}
 
     for change, expected in ((("head", "target_layer_ids", [0, 1, 2]), "are not in features.taps"),
                              (("train", "max_length", 128), "exceeds features.max_length"),

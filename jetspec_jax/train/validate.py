@@ -14,6 +14,7 @@ every head compared). The anchors are a fixed draw, so two heads see the same bl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -160,3 +161,57 @@ def coverage(data, indices, d2t: np.ndarray) -> float:
         total += len(resp)
         hit += int(inside[resp].sum())
     return hit / max(total, 1)
+
+
+@dataclasses.dataclass
+class ValidationSplit:
+    """The cached validation sequences of a training config, for the scripts that score heads on them."""
+
+    cfg: object  # the training config
+    model: object  # the loaded target
+    data: object  # its Sequences
+    store: object  # its FeatureStore
+    indices: np.ndarray  # (S,) the cached validation sequences, in cache order
+
+    def batches(self, taps, size: int = 4):
+        for i in range(0, len(self.indices), size):
+            yield self.store.batch(self.data, self.indices[i : i + size], self.cfg.train.max_length, taps)
+
+    def sets(self) -> list:
+        """The prompt set of each sequence, in order."""
+        return [self.data.keys[i].split("/")[0] for i in self.indices]
+
+
+def open_validation(config_path, max_sequences: int | None = None) -> ValidationSplit:
+    """The validation split of a training config with a features section (UserError: none cached yet)."""
+    from jetspec_jax.errors import UserError
+    from jetspec_jax.loading import load_model
+    from jetspec_jax.train.config import read_config
+    from jetspec_jax.train.feature_store import FeatureStore
+    from jetspec_jax.train.features import CacheSpec, is_validation
+    from jetspec_jax.train.shards import read_sequences
+
+    cfg = read_config(config_path)
+    if cfg.features is None:
+        raise UserError(f"{config_path} has no features section")
+    model = load_model(cfg.target)
+    data = read_sequences(cfg.data.dir)
+    store = FeatureStore.open(cfg.features.dir, CacheSpec.of(cfg, model.config.hidden_size), data)
+    val = np.array([i for i in store.cached() if is_validation(data.keys[i])], np.int64)[:max_sequences or None]
+    if not len(val):
+        raise UserError(f"{cfg.features.dir}: no validation sequence is cached yet")
+    return ValidationSplit(cfg, model, data, store, val)
+
+
+def scoring_head(path, target_config):
+    """A head directory, checked against the target -> (head config, params without d2t, vocab tables
+    or None, the ObjectiveConfig that scores it)."""
+    from jetspec_jax.head import check_head_fits
+    from jetspec_jax.loading.head_io import load_head_dir
+
+    head_cfg, params = load_head_dir(path)
+    check_head_fits(head_cfg, target_config)
+    params = dict(params)
+    d2t = params.pop("d2t", None)
+    vocab = None if d2t is None else vocab_tables(np.asarray(d2t), target_config.vocab_size)
+    return head_cfg, params, vocab, ObjectiveConfig(target=target_config, head=head_cfg)
