@@ -36,10 +36,13 @@ class _Parser(argparse.ArgumentParser):
 # all (= 3) nodes 1.53x AR, the fastest (N=4 with 2: 1.50x, N=8 with all (= 7): 1.45x, the best on
 # MATH-500 at 1.87x; N=16: 0.64-0.80x, verifying 16 nodes costs ~2 AR steps here); 12:43 UTC the same
 # day with the head's answer n-gram table, budgets 4, 8, 16 x lookup 0, all x table on, off: N=4 with all
-# and the table 1.47x AR, the fastest (without the table 1.43x; N=8 with all 1.38x either way). On a GPU verifying
+# and the table 1.47x AR, the fastest (without the table 1.43x; N=8 with all 1.38x either way); 15:55 UTC the
+# same day with each row taking the branch nodes its source earns (lookup.branch_nodes), budgets 4, 6, 8, 16 x
+# lookup 0, all: N=8 with all 1.58x AR (tau 2.21) and N=6 with all 1.58x (tau 2.07), tied for the fastest,
+# then N=4 with all 1.51x (tau 1.88): N=8, whose tau the docs report. On a GPU verifying
 # N tokens costs about one token's forward up to large N, hence 32 there (no GPU measurement yet, and
 # lookup stays off on GPU until one).
-DEFAULT_BUDGET = {"cpu": 4, "gpu": 32}
+DEFAULT_BUDGET = {"cpu": 8, "gpu": 32}
 DEFAULT_LOOKUP = {"cpu": "all", "gpu": 0}
 # bf16 matmuls are 10-20x slower than f32 on XLA:CPU (DESIGN.md section 6); GPUs read half the bytes.
 DEFAULT_DTYPE = {"cpu": "float32", "gpu": "bfloat16"}

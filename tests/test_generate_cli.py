@@ -163,8 +163,8 @@ def test_default_tree_budget_follows_the_backend():
                       intermediate_size=64, vocab_size=64, num_target_layers=2, mask_token_id=63)
     model = types.SimpleNamespace(config=target)
     config = decode_config(build_parser().parse_args(["hi"]), model, (head, None))
-    assert config.tree.budget == DEFAULT_BUDGET["cpu"] == 4 and config.tree.width == 4
-    assert DEFAULT_LOOKUP["cpu"] == "all" and config.tree.lookup == 3  # every node but the root
+    assert config.tree.budget == DEFAULT_BUDGET["cpu"] == 8 and config.tree.width == 4
+    assert DEFAULT_LOOKUP["cpu"] == "all" and config.tree.lookup == 7  # up to every node but the root
     config = decode_config(build_parser().parse_args(["hi", "--budget", "9"]), model, (head, None))
     assert config.tree.budget == 9
     # the default lookup shrinks to fit a small tree; an explicit one that does not fit is an error
@@ -172,8 +172,8 @@ def test_default_tree_budget_follows_the_backend():
     assert decode_config(build_parser().parse_args(["hi", "--lookup", "0"]), model, (head, None)).tree.lookup == 0
     chain = decode_config(build_parser().parse_args(["hi", "--mode", "chain", "--depth", "1"]), model, (head, None))
     assert chain.tree.kind == "chain" and chain.tree.lookup == 0  # a chain drafts with the head alone
-    with pytest.raises(UserError, match="lookup 4 must be below the budget 4"):
-        decode_config(build_parser().parse_args(["hi", "--lookup", "4"]), model, (head, None))
+    with pytest.raises(UserError, match="lookup 8 must be below the budget 8"):
+        decode_config(build_parser().parse_args(["hi", "--lookup", "8"]), model, (head, None))
     # 'all': every node but the root, as deep as the head drafts (this head: block 16, depth 15)
     every = decode_config(build_parser().parse_args(["hi", "--budget", "8", "--lookup", "all"]), model, (head, None))
     assert every.tree.budget == 8 and every.tree.lookup == 7
