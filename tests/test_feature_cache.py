@@ -85,6 +85,13 @@ def test_build_order_puts_validation_first_and_rebuild_resumes(tmp_path, target,
     order = build_order(keys)
     flags = [is_validation(keys[i]) for i in order]
     assert flags == sorted(flags, reverse=True) and sorted(order) == list(range(len(keys)))
+    many = [f"{name}/{i}" for name in ("a", "b", "c") for i in range(40)]
+    first = build_order(many, ("c",))  # set c's training sequences right after the validation split
+    rank = [(not is_validation(many[i]), not many[i].startswith("c/")) for i in first]
+    assert rank == sorted(rank) and sorted(first) == list(range(len(many)))
+    assert 0 < sum(is_validation(k) for k in many) < 40 and rank[-1] == (True, True)
+    plain = build_order(many)
+    assert [i for i in first if is_validation(many[i])] == [i for i in plain if is_validation(many[i])]
     _synthetic_data(tmp_path / "data")
     data = read_sequences(tmp_path / "data")
     build_feature_cache(target, data, tmp_path / "feat", SPEC, shard_size=5, limit=10, progress=False)

@@ -64,7 +64,7 @@ def run(argv=None) -> None:
         if bad:
             raise UserError(f"features.taps {bad} outside the target's layers 0..{model.config.num_layers - 1}")
         n = build_feature_cache(model, read_sequences(cfg.data.dir), f.dir, spec, shard_size=f.shard_size,
-                                batch_size=f.batch_size, limit=f.limit, progress=progress)
+                                batch_size=f.batch_size, limit=f.limit, first_sets=f.first_sets, progress=progress)
         print(f"{n} sequences cached in {f.dir}", file=sys.stderr)
     elif args.stage == "features":
         raise UserError(f"{args.config} has no features section")

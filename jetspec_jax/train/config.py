@@ -97,6 +97,7 @@ class FeaturesSection:
     top_k: int = 8  # next-token log-probs kept per position (soft labels)
     max_length: int = 768  # positions cached per sequence (train.max_length may not exceed it)
     limit: int | None = None  # cache at most this many sequences (validation split first)
+    first_sets: tuple[str, ...] = ()  # prompt sets cached right after the validation split (new answers first)
     shard_size: int = 128  # sequences per shard (a killed build loses at most one shard)
     batch_size: int = 4  # sequences per target forward
 

@@ -57,9 +57,11 @@ def token_digest(tokens: np.ndarray) -> str:
     return hashlib.sha1(np.asarray(tokens, np.int32).tobytes()).hexdigest()[:16]
 
 
-def build_order(keys: list) -> list:
-    """Indices of the sequences in cache order: validation first, then by key hash."""
-    return sorted(range(len(keys)), key=lambda i: (not is_validation(keys[i]), key_hash(keys[i])))
+def build_order(keys: list, first_sets: tuple = ()) -> list:
+    """Indices of the sequences in cache order: validation first, then the training sequences of
+    `first_sets` (prompt sets, the part of a key before "/"), then the rest, each part by key hash."""
+    return sorted(range(len(keys)), key=lambda i: (not is_validation(keys[i]),
+                                                   keys[i].split("/")[0] not in first_sets, key_hash(keys[i])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +133,12 @@ def _forward_fn(config, taps: tuple, top_k: int):
 
 
 def build_feature_cache(model, data: Sequences, directory, spec: CacheSpec, *, shard_size: int = 128,
-                        batch_size: int = 4, limit: int | None = None, progress: bool = True) -> int:
+                        batch_size: int = 4, limit: int | None = None, first_sets: tuple = (),
+                        progress: bool = True) -> int:
     """Cache the taps and top-k log-probs of every stored sequence not yet cached (resumable).
 
-    limit: cache at most this many sequences in all (None: every one). Returns sequences cached.
+    limit: cache at most this many sequences in all (None: every one). first_sets: prompt sets whose
+    sequences come right after the validation split (`build_order`). Returns sequences cached.
     """
     directory = Path(directory)
     with exclusive(directory, "feature cache"):
@@ -147,7 +151,7 @@ def build_feature_cache(model, data: Sequences, directory, spec: CacheSpec, *, s
             if key in index and token_digest(data.tokens[index[key]][: spec.max_length]) != digest:
                 raise UserError(f"{directory}: cached features of {key} were made from other tokens "
                                 "(the data dir changed); delete the features dir and rebuild")
-        order = [i for i in build_order(data.keys) if data.keys[i] not in done]
+        order = [i for i in build_order(data.keys, tuple(first_sets)) if data.keys[i] not in done]
         wanted = len(data) if limit is None else min(limit, len(data))
         order = order[: max(0, wanted - len(done))]
         next_shard = len(shard_metas(directory))
