@@ -151,8 +151,8 @@ class _Scorer:
         from jetspec_jax.decode import generate
         from jetspec_jax.model import for_cpu_decoding
         from jetspec_jax.step import DecodeConfig
-        from jetspec_jax.train.objective import anchor_hidden, target_features
-        from jetspec_jax.train.validate import project
+        from jetspec_jax.train.objective import target_features
+        from jetspec_jax.train.validate import logits_at
 
         model, obj = self.model, self.objective
 
@@ -162,10 +162,8 @@ class _Scorer:
             features, _ = target_features(obj, model.params, tokens)
             anchors = jnp.arange(length, dtype=jnp.int32)[None]
             ok = (anchors >= p - 1) & (anchors <= n - 2)  # every round's possible root
-            hidden, labels, valid, _ = anchor_hidden(self.params, model.params, tokens, n[None], p[None], features,
-                                                     jnp.where(ok, anchors, 0), ok, obj)
-            logits = project(obj, model.params, hidden.reshape(length, hidden.shape[2], -1), self.vocab)
-            return logits, jnp.where(valid, labels, -1).reshape(length, -1)
+            return logits_at(self.params, model.params, tokens, n[None], p[None], features,
+                             jnp.where(ok, anchors, 0), ok, self.vocab, obj)
 
         target = for_cpu_decoding(model.config, model.params)
         out = {}

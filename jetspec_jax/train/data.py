@@ -25,7 +25,7 @@ from jetspec_jax.errors import UserError
 from jetspec_jax.progress import progress_bar
 from jetspec_jax.prompts import check_training_sets, load_prompts
 from jetspec_jax.step import DecodeConfig
-from jetspec_jax.train.shards import done_keys, exclusive, shard_paths, write_manifest, write_shard
+from jetspec_jax.train.shards import done_keys, exclusive, prompt_set, shard_paths, write_manifest, write_shard
 
 
 def chat_prompts(tokenizer, set_names, limit: int | None = None) -> list:
@@ -49,14 +49,13 @@ def _balanced_order(todo, prompts, done) -> list:
     """The prompts to answer, so that the stored data stays a balanced mix of the prompt sets
     however early it is cut: the set furthest behind (by the fraction of its prompts stored)
     goes first; within a set, shortest first (similar lengths share a prefill)."""
-    set_of = lambda key: key.rsplit("/", 1)[0]  # noqa: E731
     total, stored = {}, {}
     for key, _ in prompts:
-        total[set_of(key)] = total.get(set_of(key), 0) + 1
-        stored[set_of(key)] = stored.get(set_of(key), 0) + (key in done)
+        total[prompt_set(key)] = total.get(prompt_set(key), 0) + 1
+        stored[prompt_set(key)] = stored.get(prompt_set(key), 0) + (key in done)
     rank, out = {}, []
     for key, ids in sorted(todo, key=lambda p: (len(p[1]), p[0])):
-        s = set_of(key)
+        s = prompt_set(key)
         rank[s] = rank.get(s, -1) + 1
         out.append(((stored[s] + rank[s]) / total[s], len(ids), key, ids))
     return [(key, ids) for _, _, key, ids in sorted(out)]

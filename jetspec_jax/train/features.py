@@ -36,7 +36,7 @@ import numpy as np
 from jetspec_jax.errors import UserError
 from jetspec_jax.model import Transformer, init_cache
 from jetspec_jax.progress import progress_bar
-from jetspec_jax.train.shards import Sequences, _atomic_write, exclusive
+from jetspec_jax.train.shards import Sequences, _atomic_write, exclusive, prompt_set
 
 FEATURES_MANIFEST = "features.json"
 VAL_MODULUS = 20  # one sequence in 20 (by key hash) is held out for validation
@@ -61,7 +61,7 @@ def build_order(keys: list, first_sets: tuple = ()) -> list:
     """Indices of the sequences in cache order: validation first, then the training sequences of
     `first_sets` (prompt sets, the part of a key before "/"), then the rest, each part by key hash."""
     return sorted(range(len(keys)), key=lambda i: (not is_validation(keys[i]),
-                                                   keys[i].split("/")[0] not in first_sets, key_hash(keys[i])))
+                                                   prompt_set(keys[i]) not in first_sets, key_hash(keys[i])))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,11 @@ class Sequences:
         return len(self.tokens)
 
 
+
+def prompt_set(key: str) -> str:
+    """The prompt set of a sequence key "<set>/<index>" (data.chat_prompts)."""
+    return key.rsplit("/", 1)[0]
+
 def _atomic_write(path: Path, write) -> None:
     """write(file object) into a temporary sibling, then rename it to `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

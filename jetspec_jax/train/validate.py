@@ -24,6 +24,7 @@ import numpy as np
 from jetspec_jax.lookup import branch_continuations, branch_nodes
 from jetspec_jax.model import Transformer, output_rows
 from jetspec_jax.train.objective import ObjectiveConfig, anchor_hidden, sample_anchors
+from jetspec_jax.train.shards import prompt_set
 from jetspec_jax.tree import TreeConfig, build_tree, lookup_nodes
 
 VAL_BUDGETS = (4, 8, 16)  # trees verified per round on CPU (see docs/bench)
@@ -49,13 +50,20 @@ def anchor_logits(head_params, target_params, tokens, lengths, prompt_lens, feat
     (columns are draft ids for a reduced-vocabulary head), labels (R, D) target ids x_{a+1..a+D}
     (-1 past the sequence end).
     """
-    b, length = tokens.shape
-    anchors, ok = sample_anchors(jax.random.PRNGKey(VAL_SEED), lengths, prompt_lens, VAL_ANCHORS, length)
+    anchors, ok = sample_anchors(jax.random.PRNGKey(VAL_SEED), lengths, prompt_lens, VAL_ANCHORS, tokens.shape[1])
+    logits, labels = logits_at(head_params, target_params, tokens, lengths, prompt_lens, features, anchors, ok,
+                               vocab, cfg)
+    return anchors, ok.reshape(-1), logits, labels
+
+
+def logits_at(head_params, target_params, tokens, lengths, prompt_lens, features, anchors, anchor_ok, vocab,
+              cfg: ObjectiveConfig):
+    """The head's draft logits at given anchors (B, A) -> logits (R, D, V or K), labels (R, D) target
+    ids x_{a+1..a+D}, -1 past the sequence end or at an anchor that is not ok; R = B*A."""
     hidden, labels, valid, _ = anchor_hidden(head_params, target_params, tokens, lengths, prompt_lens,
-                                             features, anchors, ok, cfg)
-    rows = hidden.reshape(b * anchors.shape[1], hidden.shape[2], -1)  # (R, D, d)
-    return anchors, ok.reshape(-1), project(cfg, target_params, rows, vocab), \
-        jnp.where(valid, labels, -1).reshape(rows.shape[0], -1)
+                                             features, anchors, anchor_ok, cfg)
+    rows = hidden.reshape(-1, hidden.shape[2], hidden.shape[3])  # (R, D, d)
+    return project(cfg, target_params, rows, vocab), jnp.where(valid, labels, -1).reshape(rows.shape[0], -1)
 
 
 def project(cfg: ObjectiveConfig, target_params, rows, vocab):
@@ -179,7 +187,7 @@ class ValidationSplit:
 
     def sets(self) -> list:
         """The prompt set of each sequence, in order."""
-        return [self.data.keys[i].split("/")[0] for i in self.indices]
+        return [prompt_set(self.data.keys[i]) for i in self.indices]
 
 
 def open_validation(config_path, max_sequences: int | None = None) -> ValidationSplit:
