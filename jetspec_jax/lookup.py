@@ -20,7 +20,9 @@ tau at N = 8 4.089 against 4.049 with every branch node, at N = 16 6.056 against
 unchanged); on the evaluation sets' answers (first 128 tokens) the gain is larger (MATH-500 N = 16
 3.34 against 2.98).
 A chain that is sure only at first (a table chain, a 2-token match) ends before the head's own
-guesses stop paying.
+guesses stop paying. A table chain whose first step knew only 2 or 3 tokens of context (the table's
+back-off band, ngrams.LONG) is surer still only at first: it keeps L less floor(3 L / 4) nodes (N = 8:
+2), chosen the same way; such rows had no branch before (the table had no orders below 4).
 
 Static shapes: the match is a vectorised comparison over every position of the history buffer,
 (B, S) per suffix offset, MAX_MATCH of them, with no loop over the text.
@@ -39,16 +41,17 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jetspec_jax.ngrams import ngram_continuations
+from jetspec_jax.ngrams import LONG, ngram_continuations
 
 MAX_MATCH = 16  # suffix tokens compared; longer shared suffixes count as this long
 MIN_MATCH = 2  # a 1-token match is mostly noise
 SHORT_MATCH = 4  # a text match shorter than this gives floor(L * SHORT_SHARE) of its L nodes to the head
 SHORT_SHARE = 0.2
 TABLE_SHARE = 0.3  # the table's chain gives floor(L * TABLE_SHARE) of its L nodes to the head
+TABLE_LOW_SHARE = 0.75  # a chain whose first step knew under ngrams.LONG tokens gives this share to the head
 
 # Where a row's branch comes from (`branch_continuations`), in the order `branch_nodes` reads.
-NONE, TABLE, SHORT, TEXT = range(4)
+NONE, TABLE, SHORT, TEXT, TABLE_LOW = range(5)
 
 
 def _longest_match(history, c):
@@ -88,20 +91,23 @@ def lookup_continuations(history, root_pos, length: int):
 def branch_continuations(history, root_pos, length: int, head_params=None, orders: tuple = ()):
     """The lookup branch of every row: the text's own continuation where it has a match, else, with
     a head that ships an answer n-gram table (`orders` non-empty, `head_params["ngram_keys"]` and
-    `["ngram_next"]`), the table's chain (ngrams.py) -> source (B,) int32 (NONE, TABLE, SHORT: a
-    text match below SHORT_MATCH tokens, TEXT), continuations (B, length) int32."""
+    `["ngram_next"]`), the table's chain (ngrams.py) -> source (B,) int32 (NONE; TABLE, TABLE_LOW: a
+    chain whose first step knew a context of at least / below ngrams.LONG tokens; SHORT: a text match
+    below SHORT_MATCH tokens; TEXT), continuations (B, length) int32."""
     match, forced = lookup_continuations(history, root_pos, length)
     source = jnp.where(match >= SHORT_MATCH, TEXT, jnp.where(match > 0, SHORT, NONE))
     if orders:
-        known, chain = ngram_continuations(head_params["ngram_keys"], head_params["ngram_next"], history,
+        order, chain = ngram_continuations(head_params["ngram_keys"], head_params["ngram_next"], history,
                                            root_pos, length, orders)
         forced = jnp.where(match[:, None] > 0, forced, chain)
-        source = jnp.where((match == 0) & known, TABLE, source)
+        table = jnp.where(order >= LONG, TABLE, TABLE_LOW)
+        source = jnp.where((match == 0) & (order > 0), table, source)
     return source.astype(jnp.int32), forced
 
 
 def branch_nodes(source, lookup: int):
     """source (B,) from `branch_continuations` -> (B,) int32: how many of the L = `lookup` branch
     nodes each row puts in its tree (0 for NONE: the head's own tree)."""
-    table = [0, lookup - math.floor(lookup * TABLE_SHARE), lookup - math.floor(lookup * SHORT_SHARE), lookup]
+    table = [0, lookup - math.floor(lookup * TABLE_SHARE), lookup - math.floor(lookup * SHORT_SHARE), lookup,
+             lookup - math.floor(lookup * TABLE_LOW_SHARE)]
     return jnp.asarray(table, jnp.int32)[source]

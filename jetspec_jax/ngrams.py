@@ -19,6 +19,10 @@ An n-gram whose most frequent successor is already what the shorter orders predi
 fewer than `min_count` times. The shipped SmolLM2 table keeps those seen once (min_count 1): they
 are mostly verbatim repeats of earlier answers, and on the validation split they add 0.04 to tau at
 N=8 (docs/training.md section 13). Hash collisions can only make a draft wrong, never an output.
+Orders below LONG (4) are a back-off band for contexts no longer order knows: they never prune a
+longer order's entry, so a context is known at LONG tokens or more whether or not the table has the
+band, and the order of the first step's entry (`ngram_row`) tells the two kinds of chain apart
+(lookup.TABLE and TABLE_LOW take different shares of the branch).
 
 Worked example, orders (2, 3), three answers after prompts ending in "P": "a b c", "a b c", "x b d":
     order 2: (P a) -> b, (a b) -> c (2 of 2), (P x) -> b, (x b) -> d; (b c) and (b d) end an answer
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 HASH_MUL = 1000003  # odd multiplier of the polynomial hash (mod 2**32)
+LONG = 4  # orders below this are a back-off band: they never prune a longer order's entries
 FILE = "ngrams.safetensors"
 
 
@@ -97,8 +102,10 @@ def build_table(sequences, orders, min_count: int = 1):
         totals = np.add.reduceat(counts, np.flatnonzero(head))
         keys, best, rep = pairs[head, 0].astype(np.int32), pairs[head, 1], idx[head]
         keep = totals >= min_count
-        if kept_keys:  # left out where the shorter orders kept so far already predict the same token
-            keep &= best != _predict_host(kept_keys, kept_next, orders[: len(kept_keys)], win[rep])
+        band = [i for i, m in enumerate(orders[: len(kept_keys)]) if (m >= LONG) == (n >= LONG)]
+        if band:  # left out where the shorter orders of its band already predict the same token
+            keep &= best != _predict_host([kept_keys[i] for i in band], [kept_next[i] for i in band],
+                                          [orders[i] for i in band], win[rep])
         kept_keys.append(keys[keep])  # sorted: `pairs` is sorted by key
         kept_next.append(best[keep])
     keys = np.concatenate(kept_keys) if kept_keys else np.zeros(0, np.int32)
@@ -140,14 +147,15 @@ def check_table(table: dict, vocab_size: int, where: str = FILE) -> None:
 
 
 def ngram_row(keys, nxt, history, c, length: int, orders: tuple):
-    """keys, nxt (M,); history (S,) int32 with the root at c -> (found () bool: the first step had
-    a known n-gram, chain (length,) int32; unknown later steps are 0)."""
+    """keys, nxt (M,); history (S,) int32 with the root at c -> (order () int32: the longest context
+    the first step knew, 0 where it knew none; chain (length,) int32; unknown later steps are 0)."""
     top = max(orders)
     last = keys.shape[0] - 1
     pos = c - top + 1 + jnp.arange(top)
     buf = jnp.concatenate([jnp.take(history, jnp.maximum(pos, 0)), jnp.zeros((length,), jnp.int32)])
     known = jnp.concatenate([pos >= 0, jnp.ones((length,), bool)])  # context inside the text
-    found = alive = jnp.zeros((), bool)
+    first = jnp.zeros((), jnp.int32)
+    alive = jnp.zeros((), bool)
     for i in range(length):
         end = top + i  # the context is buf[end - n: end]
         tok, hit = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
@@ -157,16 +165,19 @@ def ngram_row(keys, nxt, history, c, length: int, orders: tuple):
             ok = known[end - n] & (keys[at] == h)
             tok = jnp.where(ok, nxt[at], tok)
             hit = hit | ok
+            if i == 0:
+                first = jnp.where(ok, n, first)
         if i == 0:
-            found = alive = hit
+            alive = hit
         alive = alive & hit  # after an unknown step the chain is 0s
         buf = buf.at[end].set(jnp.where(alive, tok, 0))
-    return found, buf[top:]
+    return first, buf[top:]
 
 
 @functools.partial(jax.jit, static_argnames=("length", "orders"))
 def ngram_continuations(keys, nxt, history, root_pos, length: int, orders: tuple):
-    """history (B, S), root_pos (B,) -> found (B,) bool, chains (B, length) int32."""
+    """history (B, S), root_pos (B,) -> order (B,) int32 (the first step's longest known context, 0:
+    none), chains (B, length) int32."""
     return jax.vmap(lambda h, c: ngram_row(keys, nxt, h, c, length, orders))(history, root_pos)
 
 

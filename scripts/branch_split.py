@@ -28,7 +28,7 @@ import numpy as np
 
 from jetspec_jax.errors import UserError
 
-SOURCES = ("none", "table", "short", "text")  # lookup.NONE, TABLE, SHORT, TEXT
+SOURCES = ("none", "table", "short", "text", "table_low")  # lookup.NONE, TABLE, SHORT, TEXT, TABLE_LOW
 
 
 def main(argv=None) -> int:
@@ -71,9 +71,9 @@ def run(args, budgets) -> dict:
     rules = {}
     for n in budgets:
         L = min(depth, n - 1)
-        library = np.asarray(branch_nodes(np.arange(4), L)).tolist()
+        library = np.asarray(branch_nodes(np.arange(len(SOURCES)), L)).tolist()
         best = [library[s] if m is None else int(np.argmax(m)) for s, m in enumerate(val["mean"][n])]  # a source no anchor has: the library's
-        rules[n] = {"all": [0, L, L, L], "library": library, "best on validation": best}
+        rules[n] = {"all": [0] + [L] * (len(SOURCES) - 1), "library": library, "best on validation": best}
     report = {"head": args.head, "config": args.config, "anchors": int(len(val["source"])),
               "share": {s: float(np.mean(val["source"] == i)) for i, s in enumerate(SOURCES)},
               "budgets": {}}
@@ -87,6 +87,7 @@ def run(args, budgets) -> dict:
         report["budgets"][n] = row
     if args.eval_sets:
         for set_name, got in scorer.evaluation(args.eval_sets.split(","), args.num_prompts, args.max_new_tokens).items():
+            report[f"share_{set_name}"] = {s: float(np.mean(got["source"] == i)) for i, s in enumerate(SOURCES)}
             for n in budgets:
                 for name, nodes in rules[n].items():
                     split = np.asarray(nodes)[got["source"]]
@@ -224,13 +225,15 @@ def _walk(acc, seq) -> float:
 def markdown(report) -> str:
     lines = [f"{report['anchors']} validation anchors; branch source shares: "
              + ", ".join(f"{k} {v:.3f}" for k, v in report["share"].items()), ""]
+    for key in sorted(k for k in report if k.startswith("share_")):
+        lines += [f"{key[6:]} answer positions, branch source shares: " + ", ".join(f"{k} {v:.3f}" for k, v in report[key].items()), ""]
     for n, row in report["budgets"].items():
         lines += [f"N={n}: tau on the validation split by source and branch nodes l = 0, 1, ...", ""]
         for s, taus in row["tau_by_source_and_split"].items():
             if taus is not None:
                 lines.append(f"- {s}: " + " ".join(f"{t:.2f}" for t in taus))
         evals = sorted({k for r in row["rules"].values() for k in r if k.startswith("tau_")})
-        lines += ["", "| rule | nodes (none, table, short, text) | validation tau |"
+        lines += ["", f"| rule | nodes ({', '.join(SOURCES)}) | validation tau |"
                   + "".join(f" {e[4:]} |" for e in evals), "|---|---|---|" + "---|" * len(evals)]
         for name, r in row["rules"].items():
             lines.append(f"| {name} | {list(r['nodes_by_source'].values())} | {r['val_tau']:.3f} |"

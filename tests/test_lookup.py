@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from jetspec_jax.decode import generate
-from jetspec_jax.lookup import (MAX_MATCH, MIN_MATCH, NONE, SHORT, TABLE, TEXT, branch_continuations, branch_nodes,
-                                lookup_continuations)
+from jetspec_jax.lookup import (MAX_MATCH, MIN_MATCH, NONE, SHORT, TABLE, TABLE_LOW, TEXT, branch_continuations,
+                                branch_nodes, lookup_continuations)
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig, build_tree
 
@@ -156,8 +156,8 @@ def test_branch_source_and_nodes():
     source, forced = jax.device_get(branch_continuations(history, pos, 3))
     assert source.tolist() == [TEXT, SHORT, NONE]
     assert forced[0].tolist() == [1, 5, 6] and forced[1].tolist() == [1, 2, 3]
-    for lookup, want in [(3, [0, 3, 3, 3]), (7, [0, 5, 6, 7]), (15, [0, 11, 12, 15])]:
-        got = branch_nodes(jnp.array([NONE, TABLE, SHORT, TEXT]), lookup)
+    for lookup, want in [(3, [0, 3, 3, 3, 1]), (7, [0, 5, 6, 7, 2]), (15, [0, 11, 12, 15, 4])]:
+        got = branch_nodes(jnp.array([NONE, TABLE, SHORT, TEXT, TABLE_LOW]), lookup)
         assert np.asarray(got).tolist() == want, lookup
 
 

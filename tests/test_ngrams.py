@@ -14,7 +14,7 @@ import pytest
 from jetspec_jax.decode import generate
 from jetspec_jax.errors import UserError
 from jetspec_jax.loading.head_io import load_head_dir, save_head_dir, save_ngrams
-from jetspec_jax.ngrams import FILE, build_table, ngram_continuations, without_ngrams
+from jetspec_jax.ngrams import FILE, LONG, build_table, ngram_continuations, without_ngrams
 from jetspec_jax.step import DecodeConfig
 from jetspec_jax.tree import TreeConfig
 
@@ -33,15 +33,16 @@ def host_model(sequences, orders, min_count):
 
 
 def host_chain(model, text, length):
-    text, out = list(text), []
+    """-> (the longest context the first step knew, 0: none; the chain)."""
+    text, out, first = list(text), [], 0
     for i in range(length):
-        nxt = next((model[n][tuple(text[-n:])] for n in sorted(model, reverse=True)
-                    if len(text) >= n and tuple(text[-n:]) in model[n]), None)
-        if nxt is None:
-            return (i > 0), out + [0] * (length - i)
-        out.append(nxt)
-        text.append(nxt)
-    return True, out
+        n = next((n for n in sorted(model, reverse=True) if len(text) >= n and tuple(text[-n:]) in model[n]), 0)
+        if not n:
+            return first, out + [0] * (length - i)
+        first = first or n
+        out.append(model[n][tuple(text[-n:])])
+        text.append(out[-1])
+    return first, out
 
 
 def corpus(seed, count=40, vocab=6):
@@ -58,7 +59,8 @@ def corpus(seed, count=40, vocab=6):
     return out
 
 
-@pytest.mark.parametrize("orders,min_count", [((2, 3, 5), 1), ((2, 3, 5), 2), ((1, 4), 1), ((3,), 3)])
+@pytest.mark.parametrize("orders,min_count", [((2, 3, 5), 1), ((2, 3, 5), 2), ((1, 4), 1), ((3,), 3),
+                                              ((1, 2, 4, 5, 6), 1)])
 def test_device_chains_match_the_brute_force_model(orders, min_count):
     seqs = corpus(0)
     table = build_table(seqs, orders, min_count)
@@ -72,22 +74,26 @@ def test_device_chains_match_the_brute_force_model(orders, min_count):
     for i, t in enumerate(texts):
         history[i, : len(t)] = t
     c = np.array([len(t) - 1 for t in texts], np.int32)
-    found, chains = ngram_continuations(jnp.asarray(table["keys"]), jnp.asarray(table["next"]),
+    order, chains = ngram_continuations(jnp.asarray(table["keys"]), jnp.asarray(table["next"]),
                                         jnp.asarray(history), jnp.asarray(c), 6, tuple(orders))
     expect = [host_chain(model, t, 6) for t in texts]
-    assert np.asarray(found).tolist() == [e[0] for e in expect]
+    order, want = np.asarray(order), np.array([e[0] for e in expect])
+    # pruning may leave the first step's longest context out, never across the band boundary
+    assert np.all(order <= want) and np.array_equal(order > 0, want > 0)
+    assert np.array_equal(order >= LONG, want >= LONG)
     assert np.asarray(chains).tolist() == [e[1] for e in expect]
-    assert 0 < np.mean(found) < 1  # both kinds of rows were exercised
+    assert 0 < np.mean(np.asarray(order) > 0) < 1  # both kinds of rows were exercised
 
 
 def test_the_branch_takes_the_table_where_the_text_has_no_match():
-    from jetspec_jax.lookup import NONE, SHORT, TABLE, TEXT, branch_continuations, lookup_continuations
+    from jetspec_jax.lookup import NONE, SHORT, TABLE, TABLE_LOW, TEXT, branch_continuations, lookup_continuations
 
     seqs = corpus(0)
-    orders = (2, 3, 5)
+    orders = (2, 3, 4)
     table = build_table(seqs, orders, 1)
     rng = np.random.default_rng(4)
     texts = [t[: rng.integers(1, len(t) + 1)] for t, _ in corpus(5, count=30)]
+    texts += [t[q - 4 : q] for t, _ in seqs[:20] for q in [rng.integers(4, len(t) + 1)]]  # 4 answer tokens
     texts += [rng.integers(0, 9, size=rng.integers(1, 12)) for _ in range(20)]
     history = np.zeros((len(texts), 40), np.int32)
     for i, t in enumerate(texts):
@@ -97,21 +103,33 @@ def test_the_branch_takes_the_table_where_the_text_has_no_match():
     source, forced = jax.device_get(branch_continuations(history, c, 6, {"ngram_keys": keys, "ngram_next": nxt},
                                                          orders))
     match, copied = jax.device_get(lookup_continuations(history, c, 6))
-    known, chains = jax.device_get(ngram_continuations(keys, nxt, history, c, 6, orders))
+    order, chains = jax.device_get(ngram_continuations(keys, nxt, history, c, 6, orders))
     for r in range(len(texts)):
         if match[r]:
             assert source[r] == (TEXT if match[r] >= 4 else SHORT) and forced[r].tolist() == copied[r].tolist()
-        elif known[r]:
-            assert source[r] == TABLE and forced[r].tolist() == chains[r].tolist()
+        elif order[r]:
+            assert source[r] == (TABLE if order[r] >= LONG else TABLE_LOW)
+            assert forced[r].tolist() == chains[r].tolist()
         else:
             assert source[r] == NONE
-    assert {NONE, TABLE, SHORT} <= set(source.tolist())  # each kind of row was exercised
+    assert {NONE, TABLE, TABLE_LOW, SHORT} <= set(source.tolist())  # each kind of row was exercised
 
 
 def test_pruning_keeps_only_what_changes_a_draft():
     seqs = corpus(3)
     full = sum(len(m) for m in host_model(seqs, (2, 3, 4, 6), 1).values())
     assert len(build_table(seqs, (2, 3, 4, 6), 1)["keys"]) < full / 2
+
+
+def test_the_back_off_band_leaves_the_longer_orders_as_they_are():
+    """Orders below LONG never prune a longer order's entry: the table with the band holds every
+    entry of the table without it (same successor), so rows known at LONG+ tokens draft the same."""
+    seqs = corpus(6)
+    high = build_table(seqs, (LONG, LONG + 1, LONG + 3), 1)
+    both = build_table(seqs, (2, 3, LONG, LONG + 1, LONG + 3), 1)
+    pairs = dict(zip(both["keys"].tolist(), both["next"].tolist()))
+    assert all(pairs.get(k) == n for k, n in zip(high["keys"].tolist(), high["next"].tolist()))
+    assert len(both["keys"]) > len(high["keys"])
 
 
 @pytest.fixture(scope="module")
