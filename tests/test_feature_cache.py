@@ -430,7 +430,8 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
         assert rules["library"]["val_tau"] == with_all[f"tau_{n}_lookup"]
         assert rules["best on validation"]["val_tau"] >= max(rules["library"]["val_tau"], rules["all"]["val_tau"])
     # the head drafts 3 depths, so N=8 has 3 branch nodes at most
-    assert report["budgets"]["8"]["rules"]["all"]["nodes_by_source"] == {"none": 0, "table": 3, "short": 3, "text": 3}
+    assert report["budgets"]["8"]["rules"]["all"]["nodes_by_source"] == {"none": 0, "table": 3, "short": 3, "text": 3,
+                                                                         "table_low": 3}
 
     for change, expected in ((("head", "target_layer_ids", [0, 1, 2]), "are not in features.taps"),
                              (("train", "max_length", 128), "exceeds features.max_length"),

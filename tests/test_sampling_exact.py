@@ -148,13 +148,15 @@ def test_answer_ngram_table_samples_exactly(params):
     the target's training answers), so it is proposed and often accepted."""
     from jetspec_jax.ngrams import build_table
 
-    dist = exact_distribution(params, 1.0, 0, 1.0)
+    prompt = [5, 1, 4, 2]  # no token repeats: no text match; 4 tokens, so the table knows a long context
+    dist = exact_distribution(params, 1.0, 0, 1.0, prompt=prompt)
     likely = np.unravel_index(np.argmax(dist), (V, V, V))
-    table = build_table([(np.array(PROMPT[-2:] + [int(t) for t in likely]), 2)], (2,))
+    table = build_table([(np.array(prompt + [int(t) for t in likely]), len(prompt))], (4,))
     with_table = {**params, "head": {**params["head"], "ngram_keys": jnp.asarray(table["keys"]),
                                      "ngram_next": jnp.asarray(table["next"])}}
     tree = TreeConfig(budget=8, width=3, depth=3, lookup=3)
-    counts, first_round = sampled_counts(with_table, 1.0, 0, 1.0, head=HEAD.replace(ngram_orders=(2,)), tree=tree)
+    counts, first_round = sampled_counts(with_table, 1.0, 0, 1.0, prompt=prompt, head=HEAD.replace(ngram_orders=(4,)),
+                                         tree=tree)
     # Whenever the target samples that continuation, the round accepts the table's chain whole (3 tokens,
     # the most this run emits), so at least that share of first rounds emits 3.
     assert np.mean(first_round == 3) > 0.9 * dist.max() > 0.05
