@@ -51,8 +51,9 @@ def _balanced_order(todo, prompts, done) -> list:
     goes first; within a set, shortest first (similar lengths share a prefill)."""
     total, stored = {}, {}
     for key, _ in prompts:
-        total[prompt_set(key)] = total.get(prompt_set(key), 0) + 1
-        stored[prompt_set(key)] = stored.get(prompt_set(key), 0) + (key in done)
+        s = prompt_set(key)
+        total[s] = total.get(s, 0) + 1
+        stored[s] = stored.get(s, 0) + (key in done)
     rank, out = {}, []
     for key, ids in sorted(todo, key=lambda p: (len(p[1]), p[0])):
         s = prompt_set(key)

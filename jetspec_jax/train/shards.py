@@ -43,10 +43,10 @@ class Sequences:
         return len(self.tokens)
 
 
-
 def prompt_set(key: str) -> str:
     """The prompt set of a sequence key "<set>/<index>" (data.chat_prompts)."""
     return key.rsplit("/", 1)[0]
+
 
 def _atomic_write(path: Path, write) -> None:
     """write(file object) into a temporary sibling, then rename it to `path`."""
