@@ -20,9 +20,10 @@ tau at N = 8 4.089 against 4.049 with every branch node, at N = 16 6.056 against
 unchanged); on the evaluation sets' answers (first 128 tokens) the gain is larger (MATH-500 N = 16
 3.34 against 2.98).
 A chain that is sure only at first (a table chain, a 2-token match) ends before the head's own
-guesses stop paying. A table chain whose first step knew only 2 or 3 tokens of context (the table's
-back-off band, ngrams.LONG) is surer still only at first: it keeps L less floor(3 L / 4) nodes (N = 8:
-2), chosen the same way; such rows had no branch before (the table had no orders below 4).
+guesses stop paying. A table chain whose first step knew only 1 to 3 tokens of context (the table's
+back-off band, ngrams.LONG) is surer still only at first: it keeps L less floor(7 L / 10) nodes (N = 4:
+1, N = 8: 3, N = 16: 5), the per-source best on the whole validation split with the order-1 table
+(docs/val/branch-split-order1.md; 4.360 against 4.358 with 2 nodes at N = 8).
 
 Static shapes: the match is a vectorised comparison over every position of the history buffer,
 (B, S) per suffix offset, MAX_MATCH of them, with no loop over the text.
@@ -48,7 +49,7 @@ MIN_MATCH = 2  # a 1-token match is mostly noise
 SHORT_MATCH = 4  # a text match shorter than this gives floor(L * SHORT_SHARE) of its L nodes to the head
 SHORT_SHARE = 0.2
 TABLE_SHARE = 0.3  # the table's chain gives floor(L * TABLE_SHARE) of its L nodes to the head
-TABLE_LOW_SHARE = 0.75  # a chain whose first step knew under ngrams.LONG tokens gives this share to the head
+TABLE_LOW_SHARE = 0.7  # a chain whose first step knew under ngrams.LONG tokens gives this share to the head
 
 # Where a row's branch comes from (`branch_continuations`), in the order `branch_nodes` reads.
 NONE, TABLE, SHORT, TEXT, TABLE_LOW = range(5)

@@ -17,7 +17,7 @@ import time
 
 from jetspec_jax.errors import UserError
 
-ORDERS = "2,3,4,5,6,8,10,12,16"  # 2 and 3: the back-off band (ngrams.LONG)
+ORDERS = "1,2,3,4,5,6,8,10,12,16"  # 1 to 3: the back-off band (ngrams.LONG)
 
 
 def main(argv=None) -> int:

@@ -156,7 +156,7 @@ def test_branch_source_and_nodes():
     source, forced = jax.device_get(branch_continuations(history, pos, 3))
     assert source.tolist() == [TEXT, SHORT, NONE]
     assert forced[0].tolist() == [1, 5, 6] and forced[1].tolist() == [1, 2, 3]
-    for lookup, want in [(3, [0, 3, 3, 3, 1]), (7, [0, 5, 6, 7, 2]), (15, [0, 11, 12, 15, 4])]:
+    for lookup, want in [(3, [0, 3, 3, 3, 1]), (7, [0, 5, 6, 7, 3]), (15, [0, 11, 12, 15, 5])]:
         got = branch_nodes(jnp.array([NONE, TABLE, SHORT, TEXT, TABLE_LOW]), lookup)
         assert np.asarray(got).tolist() == want, lookup
 
