@@ -429,6 +429,7 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
         rules = report["budgets"][n]["rules"]
         assert rules["library"]["val_tau"] == with_all[f"tau_{n}_lookup"]
         assert rules["best on validation"]["val_tau"] >= max(rules["library"]["val_tau"], rules["all"]["val_tau"])
+        assert report["budgets"][n]["per_anchor_best"]["val_tau"] >= rules["best on validation"]["val_tau"]
     # the head drafts 3 depths, so N=8 has 3 branch nodes at most
     assert report["budgets"]["8"]["rules"]["all"]["nodes_by_source"] == {"none": 0, "table": 3, "short": 3, "text": 3,
                                                                          "table_low": 3}
