@@ -29,7 +29,7 @@ import numpy as np
 
 from jetspec_jax.errors import UserError
 
-SOURCES = ("none", "table", "short", "text", "table_low")  # lookup.NONE, TABLE, SHORT, TEXT, TABLE_LOW
+SOURCES = ("none", "table", "short", "text", "table_low")  # lookup.NONE, TABLE, SHORT, TEXT, TABLE_LOW (tests/test_lookup.py checks)
 
 
 def main(argv=None) -> int:

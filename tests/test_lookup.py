@@ -20,6 +20,7 @@ from jetspec_jax.tree import TreeConfig, build_tree
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+from branch_split import SOURCES  # noqa: E402
 from lookup_rules import longest_suffix  # noqa: E402
 from test_tree import assert_structure, host_per_depth, near_tie  # noqa: E402
 
@@ -159,6 +160,13 @@ def test_branch_source_and_nodes():
     for lookup, want in [(3, [0, 3, 3, 3, 1]), (7, [0, 5, 6, 7, 3]), (15, [0, 11, 12, 15, 5])]:
         got = branch_nodes(jnp.array([NONE, TABLE, SHORT, TEXT, TABLE_LOW]), lookup)
         assert np.asarray(got).tolist() == want, lookup
+
+
+def test_branch_split_names_the_sources_in_lookup_order():
+    """scripts/branch_split.py spells the source names by hand (no jax at import); they must index as lookup's."""
+    import jetspec_jax.lookup as lookup
+
+    assert [getattr(lookup, name.upper()) for name in SOURCES] == list(range(len(SOURCES)))
 
 
 def test_chain_with_lookup_is_a_valid_tree():
