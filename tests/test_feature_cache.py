@@ -394,6 +394,23 @@ def test_cli_builds_the_cache_then_trains_a_reduced_vocab_head(tmp_path, capsys,
     assert all(len(x["acc"]) == 2 for x in lines if "acc" in x)  # depths 1-2 trained
     assert lines[-1]["val"]["tau_16"] >= 1.0  # validation drafts the whole block
 
+    # init_from that head over a wider draft vocabulary: its 32 ids first, then the most frequent others
+    wide = {**raw, "head": {**raw["head"], "draft_vocab_size": 48},
+            "train": {**raw["train"], "output_dir": str(tmp_path / "wide"), "init_from": str(tmp_path / "out" / "head")}}
+    assert main(["--config", _write_yaml(tmp_path / "wide.yaml", wide), "--stage", "train", "--no-progress"]) == 0
+    wide_cfg, wide_params = load_head_dir(tmp_path / "wide" / "head")
+    data = read_sequences(tmp_path / "data")
+    counts = np.zeros(160, np.int64)
+    for i, key in enumerate(data.keys):
+        if not is_validation(key):
+            np.add.at(counts, data.tokens[i][data.prompt_lens[i]:], 1)
+    old = np.asarray(params["d2t"]).tolist()
+    rest = sorted((t for t in range(160) if t not in old), key=lambda t: (-counts[t], t))[:16]
+    assert wide_cfg.draft_vocab_size == 48 and np.asarray(wide_params["d2t"]).tolist() == old + rest
+    narrow = {**wide, "head": {**raw["head"], "draft_vocab_size": 16}, "train": {**wide["train"], "output_dir": str(tmp_path / "narrow")}}
+    assert main(["--config", _write_yaml(tmp_path / "narrow.yaml", narrow), "--stage", "train", "--no-progress"]) == 2
+    assert "differs from this config in draft_vocab_size" in capsys.readouterr().err
+
     sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
     import val_heads
 

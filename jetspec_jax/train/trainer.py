@@ -37,7 +37,7 @@ from jetspec_jax.train.features import CacheSpec, is_validation
 from jetspec_jax.train.objective import ObjectiveConfig
 from jetspec_jax.train.shards import exclusive, read_manifest, read_sequences
 from jetspec_jax.train.step import StepConfig, init_train_state, train_step
-from jetspec_jax.train.validate import coverage, draft_vocabulary, validate, vocab_tables
+from jetspec_jax.train.validate import coverage, draft_vocabulary, validate, vocab_tables, widen_draft_vocabulary
 
 # Train settings that do not change what a run computes (may differ on resume).
 _BOOKKEEPING = ("output_dir", "checkpoint_every", "keep_checkpoints")
@@ -110,7 +110,8 @@ def _initial_params(t, head_cfg: HeadConfig) -> dict:
     config's layers (`widen_taps`: the new taps start with zero weight), may have fewer layers
     (`deepen`: the new layers are appended with zero residual branches), in both cases so that the
     run starts from exactly that head's drafts, and may lack the draft vocabulary (the head owns no
-    output layer, so a reduced vocabulary changes no parameter).
+    output layer, so a reduced vocabulary changes no parameter) or have a smaller one (its d2t comes
+    back as it is; `widen_draft_vocabulary` appends the rest).
     """
     if t.init_from is None:
         return init_head_params(head_cfg, jax.random.PRNGKey(t.seed)), None
@@ -120,6 +121,8 @@ def _initial_params(t, head_cfg: HeadConfig) -> dict:
     d2t = params.pop("d2t", None)
     if cfg.draft_vocab_size is None and head_cfg.draft_vocab_size is not None:
         cfg = cfg.replace(draft_vocab_size=head_cfg.draft_vocab_size)
+    if None not in (cfg.draft_vocab_size, head_cfg.draft_vocab_size) and cfg.draft_vocab_size < head_cfg.draft_vocab_size:
+        cfg = cfg.replace(draft_vocab_size=head_cfg.draft_vocab_size)  # d2t is widened by the caller
     if cfg.target_layer_ids != head_cfg.target_layer_ids and set(cfg.target_layer_ids) <= set(head_cfg.target_layer_ids):
         params = widen_taps(params, cfg.target_layer_ids, head_cfg.target_layer_ids, cfg.hidden_size)
         cfg = cfg.replace(target_layer_ids=head_cfg.target_layer_ids)
@@ -221,9 +224,11 @@ def _train(cfg: TrainConfig, *, model, on_step, progress):
     params, d2t = _initial_params(t, head_cfg)
     vocab = None
     if head_cfg.draft_vocab_size is not None:
+        train_split = [i for i in range(len(data)) if not is_validation(data.keys[i])]
         if d2t is None:  # the most frequent tokens of the training answers (never the validation split)
-            train_split = [i for i in range(len(data)) if not is_validation(data.keys[i])]
             d2t = draft_vocabulary(data, train_split, target_cfg.vocab_size, head_cfg.draft_vocab_size)
+        elif len(d2t) < head_cfg.draft_vocab_size:  # init_from's ids first, then the most frequent others
+            d2t = widen_draft_vocabulary(d2t, data, train_split, target_cfg.vocab_size, head_cfg.draft_vocab_size)
         vocab = vocab_tables(d2t, target_cfg.vocab_size)
         if len(val_pool):
             print(f"draft vocabulary {len(d2t)}: {coverage(data, val_pool, d2t):.2%} of validation answer "

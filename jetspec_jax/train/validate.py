@@ -152,6 +152,17 @@ def draft_vocabulary(data, indices, vocab_size: int, k: int) -> np.ndarray:
     return order[:k].astype(np.int32)
 
 
+def widen_draft_vocabulary(d2t: np.ndarray, data, indices, vocab_size: int, k: int) -> np.ndarray:
+    """(k,) int32: `d2t` unchanged, then the most frequent response tokens of `indices` it lacks (ties to the
+    lower id), so a head trained over `d2t` starts over k ids drafting exactly as before (its output layer is
+    the target's LM head: a draft id is only which row to score)."""
+    d2t = np.asarray(d2t, np.int32)
+    if not len(d2t) <= k <= vocab_size:
+        raise ValueError(f"cannot widen a draft vocabulary of {len(d2t)} ids to {k} (vocabulary {vocab_size})")
+    order = draft_vocabulary(data, indices, vocab_size, vocab_size)
+    return np.concatenate([d2t, order[~np.isin(order, d2t)][: k - len(d2t)]]).astype(np.int32)
+
+
 def vocab_tables(d2t: np.ndarray, vocab_size: int) -> dict:
     """{"d2t" (K,), "t2d" (V,) target id -> draft id, -1 outside} as device arrays."""
     t2d = np.full(vocab_size, -1, np.int32)
