@@ -154,8 +154,9 @@ def draft_vocabulary(data, indices, vocab_size: int, k: int) -> np.ndarray:
 
 def widen_draft_vocabulary(d2t: np.ndarray, data, indices, vocab_size: int, k: int) -> np.ndarray:
     """(k,) int32: `d2t` unchanged, then the most frequent response tokens of `indices` it lacks (ties to the
-    lower id), so a head trained over `d2t` starts over k ids drafting exactly as before (its output layer is
-    the target's LM head: a draft id is only which row to score)."""
+    lower id). A head trained over `d2t` keeps its logits for those ids (its output layer is the target's LM
+    head: a draft id only names the row to score); the new ids start untrained (on the SmolLM2 head, widened
+    8192 -> 16384 without training, validation tau with the branch 4.356 against 4.357, docs/training.md 16)."""
     d2t = np.asarray(d2t, np.int32)
     if not len(d2t) <= k <= vocab_size:
         raise ValueError(f"cannot widen a draft vocabulary of {len(d2t)} ids to {k} (vocabulary {vocab_size})")
