@@ -119,10 +119,9 @@ def _initial_params(t, head_cfg: HeadConfig) -> dict:
     cfg, params = without_ngrams(cfg, params)  # a table shipped with that head is no parameter
     params = dict(params)
     d2t = params.pop("d2t", None)
-    if cfg.draft_vocab_size is None and head_cfg.draft_vocab_size is not None:
-        cfg = cfg.replace(draft_vocab_size=head_cfg.draft_vocab_size)
-    if None not in (cfg.draft_vocab_size, head_cfg.draft_vocab_size) and cfg.draft_vocab_size < head_cfg.draft_vocab_size:
-        cfg = cfg.replace(draft_vocab_size=head_cfg.draft_vocab_size)  # d2t is widened by the caller
+    k = head_cfg.draft_vocab_size
+    if k is not None and (cfg.draft_vocab_size is None or cfg.draft_vocab_size < k):
+        cfg = cfg.replace(draft_vocab_size=k)  # no d2t or a shorter one: the caller builds or widens it
     if cfg.target_layer_ids != head_cfg.target_layer_ids and set(cfg.target_layer_ids) <= set(head_cfg.target_layer_ids):
         params = widen_taps(params, cfg.target_layer_ids, head_cfg.target_layer_ids, cfg.hidden_size)
         cfg = cfg.replace(target_layer_ids=head_cfg.target_layer_ids)
