@@ -214,6 +214,8 @@ def test_stored_sequences_round_trip(tmp_path):
     data = read_sequences(tmp_path / "data")
     assert [t.tolist() for t in data.tokens] == seqs and data.prompt_lens.tolist() == plens
     assert data.keys == [f"s/{i}" for i in range(24)] and data.tokens[0].dtype == np.int32
+    # readable by others like the heads' files (mkstemp alone would leave them 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "data").iterdir() if p.name != ".lock"} == {"0o644"}
 
 
 def test_data_stats_counts_by_set(tmp_path, capsys, monkeypatch):

@@ -49,12 +49,14 @@ def prompt_set(key: str) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """write(file object) into a temporary sibling, then rename it to `path`."""
+    """write(file object) into a temporary sibling, then rename it to `path` (mode 0644:
+    mkstemp creates it private, and data and feature shards are shared like the heads)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
