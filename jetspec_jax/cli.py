@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 # and the table 1.47x AR, the fastest (without the table 1.43x; N=8 with all 1.38x either way); 15:55 UTC the
 # same day with each row taking the branch nodes its source earns (lookup.branch_nodes), budgets 4, 6, 8, 16 x
 # lookup 0, all: N=8 with all 1.58x AR (tau 2.21) and N=6 with all 1.58x (tau 2.07), tied for the fastest,
-# then N=4 with all 1.51x (tau 1.88): N=8, whose tau the docs report. On a GPU verifying
+# then N=4 with all 1.51x (tau 1.88): N=8, whose tau the docs report (2026-12-08 01:59 UTC, stage-15 head,
+# docs/bench/stage15: N=8 and N=4 with all 1.57x each, so it stays). On a GPU verifying
 # N tokens costs about one token's forward up to large N, hence 32 there (no GPU measurement yet, and
 # lookup stays off on GPU until one).
 DEFAULT_BUDGET = {"cpu": 8, "gpu": 32}
